@@ -1,0 +1,134 @@
+"""How different are the gradients a client computes on the proxy from those the FM would give? (spec §7)
+
+FedPFT's convergence argument rests on this gradient discrepancy staying small: clients descend the
+sub-FM's loss, but the adapter is evaluated in the FM. We load the *same* adapter into both models, take
+gradients of the task loss with respect to the adapter on the *same* labelled batches (eval mode, no
+dropout), and compare them: cosine similarity and relative L2 error, overall, per layer and per module,
+plus two cheaper proxies of the gap, the per-layer hidden-state relative MSE and the KL between logits.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import adapters
+from .distill import relative_mse
+
+
+@dataclass
+class Discrepancy:
+    cosine: float                      # cosine of the mean gradients over all batches
+    rel_l2: float                      # ||g_proxy - g_fm|| / ||g_fm|| of the mean gradients
+    cosine_batch_mean: float           # the same per batch, averaged: exposes batch noise
+    rel_l2_batch_mean: float
+    per_layer: list[dict] = field(default_factory=list)      # {layer, cosine, rel_l2} (FM layer index)
+    per_module: dict[str, dict] = field(default_factory=dict)  # {"q.lora_A": {cosine, rel_l2}, ..., "head": ...}
+    hidden_rel_mse: list[float | None] = field(default_factory=list)  # per FM layer; None = no proxy counterpart
+    logit_kl: float = 0.0              # KL(FM || proxy) of the predicted class distributions
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor], **kw):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs, **kw)
+
+
+def adapter_gradients(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """d CE / d adapter for one labelled batch (the model's trainable parameters), eval mode."""
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    loss = F.cross_entropy(_forward(model, batch).logits, batch["labels"])
+    grads = torch.autograd.grad(loss, params)
+    return {n: g.detach() for n, g in zip(names, grads)}
+
+
+def _cos_rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(cosine(a, b), ||a - b|| / ||b||) for flat float64 vectors; b is the reference (the FM)."""
+    nb = b.norm()
+    if nb == 0 and a.norm() == 0:
+        return 1.0, 0.0
+    cos = torch.dot(a, b) / (a.norm() * nb).clamp_min(1e-30)
+    rel = (a - b).norm() / nb.clamp_min(1e-30)
+    return float(cos), float(rel)
+
+
+def _flat(grads: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    return torch.cat([grads[k].reshape(-1).double() for k in keys])
+
+
+def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
+                         state: Mapping[str, torch.Tensor] | None = None,
+                         proxy_layers: Sequence[int] | None = None) -> Discrepancy:
+    """Compare adapter gradients of ``proxy`` with those of ``fm`` on ``batches``.
+
+    Both models must be peft-wrapped with the same LoRA targets (for a layer-drop proxy, a subset of them).
+    ``state`` (in FM naming) is loaded into both first when given. ``proxy_layers[j]`` is the FM layer that
+    proxy layer j came from (``None`` = identical layer indices, the sub-FM case); only parameters present
+    in both models are compared, i.e. what a layer-drop proxy actually shares.
+    """
+    fm_to_proxy = ({fm_i: j for j, fm_i in enumerate(proxy_layers)} if proxy_layers is not None else None)
+    proxy_to_fm = ({j: fm_i for j, fm_i in enumerate(proxy_layers)} if proxy_layers is not None else None)
+    if state is not None:
+        adapters.load_adapter_state(fm, state)
+        proxy_state = ({adapters.remap_layers(k, fm_to_proxy): v for k, v in state.items()
+                        if adapters.layer_of(k) is None or adapters.layer_of(k) in fm_to_proxy}
+                       if fm_to_proxy else state)
+        adapters.load_adapter_state(proxy, proxy_state, strict=False)
+    modes = fm.training, proxy.training
+    fm.eval(), proxy.eval()
+    try:
+        mean_fm: dict[str, torch.Tensor] = {}
+        mean_px: dict[str, torch.Tensor] = {}
+        batch_cos, batch_rel = [], []
+        kl_sum, kl_n = 0.0, 0
+        hid_sum: dict[int, float] = defaultdict(float)
+        for batch in batches:
+            g_fm = adapter_gradients(fm, batch)
+            g_px = adapter_gradients(proxy, batch)
+            if proxy_to_fm:
+                g_px = {adapters.remap_layers(k, proxy_to_fm): v for k, v in g_px.items()}
+            keys = sorted(set(g_fm) & set(g_px))
+            c, r = _cos_rel(_flat(g_px, keys), _flat(g_fm, keys))
+            batch_cos.append(c), batch_rel.append(r)
+            for k in keys:
+                mean_fm[k] = mean_fm.get(k, 0) + g_fm[k].double() / len(batches)
+                mean_px[k] = mean_px.get(k, 0) + g_px[k].double() / len(batches)
+            with torch.no_grad():
+                o_fm = _forward(fm, batch, output_hidden_states=True)
+                o_px = _forward(proxy, batch, output_hidden_states=True)
+                logp_fm = F.log_softmax(o_fm.logits.double(), -1)
+                logp_px = F.log_softmax(o_px.logits.double(), -1)
+                kl_sum += float((logp_fm.exp() * (logp_fm - logp_px)).sum())
+                kl_n += len(logp_fm)
+                mask = batch.get("attention_mask")
+                for j in range(1, len(o_px.hidden_states)):
+                    fm_l = proxy_to_fm[j - 1] if proxy_to_fm else j - 1
+                    hid_sum[fm_l] += relative_mse(o_fm.hidden_states[fm_l + 1], o_px.hidden_states[j], mask).item()
+    finally:
+        fm.train(modes[0]), proxy.train(modes[1])
+
+    keys = sorted(mean_fm)
+    cos, rel = _cos_rel(_flat(mean_px, keys), _flat(mean_fm, keys))
+    by_layer: dict[int, list[str]] = defaultdict(list)
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for k in keys:
+        if adapters.layer_of(k) is not None:
+            by_layer[adapters.layer_of(k)].append(k)
+        by_kind[adapters.module_kind(k)].append(k)
+    per_layer = [dict(zip(("layer", "cosine", "rel_l2"), (l, *_cos_rel(_flat(mean_px, ks), _flat(mean_fm, ks)))))
+                 for l, ks in sorted(by_layer.items())]
+    per_module = {kind: dict(zip(("cosine", "rel_l2"), _cos_rel(_flat(mean_px, ks), _flat(mean_fm, ks))))
+                  for kind, ks in sorted(by_kind.items())}
+    n_fm_layers = len(o_fm.hidden_states) - 1 if batches else 0
+    hidden = [hid_sum[l] / len(batches) if l in hid_sum else None for l in range(n_fm_layers)]
+    return Discrepancy(cosine=cos, rel_l2=rel,
+                       cosine_batch_mean=sum(batch_cos) / max(1, len(batch_cos)),
+                       rel_l2_batch_mean=sum(batch_rel) / max(1, len(batch_rel)),
+                       per_layer=per_layer, per_module=per_module, hidden_rel_mse=hidden,
+                       logit_kl=kl_sum / max(1, kl_n))
