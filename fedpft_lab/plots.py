@@ -1,0 +1,203 @@
+"""Figure builders for the labs: pure functions from numbers to a ``plotly.graph_objects.Figure``.
+
+They never show anything and keep no state, so a notebook can display the figure (static, survives papermill),
+wrap it in ``go.FigureWidget(fig)`` for live updates, and the tests can check the trace data directly.
+
+Round records (``round_curves``, ``method_comparison``) are plain dicts, one per federated round, e.g.
+``{"round": 3, "accuracy": 0.81, "sub_accuracy": 0.78, "grad_cosine": 0.93, "aligned": True}``;
+a missing key is drawn as a gap. Rounds with ``aligned=True`` (the server re-aligned the sub-FM) get a
+dotted vertical line and a diamond marker, because that is where FedPFT's gradient discrepancy resets.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .errors import ConfigError
+
+TEMPLATE = "plotly_white"
+ALIGN_COLOUR = "rgba(120, 120, 120, 0.6)"
+
+# Axis titles a participant can read without knowing our variable names.
+KEY_LABELS: Mapping[str, str] = {
+    "accuracy": "FM accuracy (adapter plugged in)",
+    "sub_accuracy": "sub-FM accuracy",
+    "grad_cosine": "cosine(sub-FM gradient, FM gradient)",
+    "grad_rel_l2": "||g_sub - g_FM|| / ||g_FM||",
+    "bytes_up": "bytes sent by clients",
+    "bytes_down": "bytes sent by the server",
+    "seconds": "seconds",
+    "loss": "loss",
+    "hidden_rel_mse": "hidden-state relative MSE (sub-FM vs FM)",
+    "kept_neurons": "FFN neurons kept",
+}
+
+
+def label_for(key: str) -> str:
+    """Readable axis title for a metric key (falls back to the key itself)."""
+    return KEY_LABELS.get(key, key.replace("_", " "))
+
+
+def _layout(fig: go.Figure, title: str, xaxis: str, yaxis: str, **extra) -> go.Figure:
+    fig.update_layout(template=TEMPLATE, title=title, xaxis_title=xaxis, yaxis_title=yaxis,
+                      margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.2), **extra)
+    return fig
+
+
+def _check_counts(counts: np.ndarray, label_names: Sequence[str]) -> np.ndarray:
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise ConfigError(f"counts must be a 2-D (clients x labels) array, got shape {counts.shape}")
+    if len(label_names) != counts.shape[1]:
+        raise ConfigError(f"label_names must have {counts.shape[1]} names (one per column of counts), "
+                          f"got {len(label_names)}")
+    return counts
+
+
+def client_names(num_clients: int) -> list[str]:
+    return [f"client {k}" for k in range(num_clients)]
+
+
+# ----------------------------------------------------------------------------- lab 01: who holds what
+
+def label_shares(counts: np.ndarray) -> np.ndarray:
+    """Each client's label mix: rows of ``counts`` divided by the client's size (empty clients stay 0)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    sizes = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, sizes, out=np.zeros_like(counts), where=sizes > 0)
+
+
+def majority_share(counts: np.ndarray) -> float:
+    """Average over clients of the share of their most common label: 1/K for IID, 1.0 for one label each."""
+    shares = label_shares(counts)
+    return float(shares.max(axis=1).mean()) if len(shares) else 0.0
+
+
+def client_label_heatmap(counts: np.ndarray, label_names: Sequence[str],
+                         title: str = "Label mix of each client") -> go.Figure:
+    """Clients x labels heatmap coloured by the share of each client's data (0..1), counts on hover.
+
+    Shares, not counts, so clients of different sizes are comparable and the colour scale means the same
+    thing for every alpha: a row with one bright cell is a client that has seen (almost) one label only.
+    """
+    counts = _check_counts(counts, label_names)
+    shares = label_shares(counts)
+    fig = go.Figure(go.Heatmap(
+        z=shares, x=list(label_names), y=client_names(len(counts)), customdata=counts,
+        zmin=0.0, zmax=1.0, colorscale="Blues", colorbar=dict(title="share"),
+        hovertemplate="%{y}<br>%{x}: %{customdata} examples (%{z:.0%})<extra></extra>"))
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title, "label", "client")
+
+
+def client_label_bars(counts: np.ndarray, label_names: Sequence[str],
+                      title: str = "Examples per client, stacked by label") -> go.Figure:
+    """Stacked bars: one bar per client, one colour per label; shows size and skew at once."""
+    counts = _check_counts(counts, label_names)
+    names = client_names(len(counts))
+    fig = go.Figure([go.Bar(x=names, y=counts[:, c], name=str(label)) for c, label in enumerate(label_names)])
+    return _layout(fig, title, "client", "examples", barmode="stack")
+
+
+# ----------------------------------------------------------------------------- lab 07: convex picture
+
+def convex_curves(curves: Mapping[str, np.ndarray], bound: np.ndarray | None = None,
+                  title: str = "Gap to the optimum, f(x_k) - f*") -> go.Figure:
+    """Log-log gap curves (index k = step, k = 0 dropped), plus the dashed O(1/k) guarantee if given.
+
+    Exact zeros are clipped to 1e-16 so a log axis can show them.
+    """
+    fig = go.Figure()
+    for name, gaps in curves.items():
+        gaps = np.asarray(gaps, dtype=np.float64)
+        k = np.arange(1, len(gaps))
+        fig.add_trace(go.Scatter(x=k, y=np.maximum(gaps[1:], 1e-16), mode="lines", name=name))
+    if bound is not None:
+        bound = np.asarray(bound, dtype=np.float64)
+        fig.add_trace(go.Scatter(x=np.arange(1, len(bound) + 1), y=bound, mode="lines",
+                                 name="bound L||x0-x*||^2/(2k)", line=dict(dash="dash", color="black")))
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log", exponentformat="power")
+    return _layout(fig, title, "step k", "f(x_k) - f*")
+
+
+# ----------------------------------------------------------------------------- generic, labs 02-06
+
+def loss_curve(losses: Sequence[float], title: str = "Training loss", xlabel: str = "step",
+               ylabel: str = "loss", smooth: int = 0) -> go.Figure:
+    """Loss per step; ``smooth > 1`` adds a moving average over that many steps (the raw curve stays faint)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    steps = np.arange(len(losses))
+    fig = go.Figure(go.Scatter(x=steps, y=losses, mode="lines", name="loss",
+                               opacity=0.4 if smooth > 1 else 1.0))
+    if smooth > 1 and len(losses) >= smooth:
+        window = np.ones(smooth) / smooth
+        fig.add_trace(go.Scatter(x=steps[smooth - 1:], y=np.convolve(losses, window, mode="valid"),
+                                 mode="lines", name=f"moving average ({smooth})"))
+    return _layout(fig, title, xlabel, ylabel)
+
+
+def _column(rounds: Sequence[Mapping], key: str) -> list:
+    return [r.get(key) for r in rounds]
+
+
+def _aligned_rounds(rounds: Sequence[Mapping]) -> list:
+    return [r.get("round", i) for i, r in enumerate(rounds) if r.get("aligned")]
+
+
+def _mark_alignments(fig: go.Figure, rounds: Sequence[Mapping], key: str | None) -> None:
+    """Dotted vertical line at every aligned round, plus diamond markers on ``key``'s curve (for the legend)."""
+    aligned = _aligned_rounds(rounds)
+    for x in aligned:
+        fig.add_vline(x=x, line=dict(color=ALIGN_COLOUR, dash="dot", width=1))
+    if aligned and key is not None:
+        ys = [r.get(key) for i, r in enumerate(rounds) if r.get("aligned")]
+        fig.add_trace(go.Scatter(x=aligned, y=ys, mode="markers", name="alignment round",
+                                 marker=dict(symbol="diamond", size=10, color="black")))
+
+
+def round_curves(rounds: Sequence[Mapping], keys: Sequence[str] = ("accuracy", "sub_accuracy"),
+                 title: str = "Per-round metrics", ylabel: str | None = None) -> go.Figure:
+    """One line per metric key over federated rounds; alignment rounds marked.
+
+    Keys that no record has are skipped (so the same call works for methods without a sub-FM).
+    """
+    if not rounds:
+        raise ConfigError("rounds must contain at least one record")
+    x = [r.get("round", i) for i, r in enumerate(rounds)]
+    present = [k for k in keys if any(r.get(k) is not None for r in rounds)]
+    if not present:
+        raise ConfigError(f"none of the keys {list(keys)} appear in the round records")
+    fig = go.Figure([go.Scatter(x=x, y=_column(rounds, k), mode="lines+markers", name=label_for(k))
+                     for k in present])
+    _mark_alignments(fig, rounds, present[0])
+    if ylabel is None:
+        ylabel = label_for(present[0]) if len(present) == 1 else "value"
+    return _layout(fig, title, "round", ylabel)
+
+
+def layer_bars(layers: Sequence[Mapping], key: str, title: str | None = None) -> go.Figure:
+    """Per-layer bar chart of ``key``; compressed and retained (full) layers in two colours."""
+    if not layers:
+        raise ConfigError("layers must contain at least one record")
+    fig = go.Figure()
+    for compressed, name in ((True, "compressed layer"), (False, "retained (full) layer")):
+        rows = [r for r in layers if bool(r.get("compressed", True)) == compressed]
+        if rows:
+            fig.add_trace(go.Bar(x=[r["layer"] for r in rows], y=[r.get(key) for r in rows], name=name))
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, title or f"{label_for(key)} per layer", "layer", label_for(key))
+
+
+def method_comparison(results: Mapping[str, Sequence[Mapping]], key: str = "accuracy",
+                      title: str | None = None) -> go.Figure:
+    """Overlay one metric for several methods (e.g. FedPETuning, FedOT, FedPFT) over rounds."""
+    if not results:
+        raise ConfigError("results must map at least one method name to its round records")
+    fig = go.Figure()
+    for method, rounds in results.items():
+        fig.add_trace(go.Scatter(x=[r.get("round", i) for i, r in enumerate(rounds)],
+                                 y=_column(rounds, key), mode="lines+markers", name=method))
+    return _layout(fig, title or f"{label_for(key)} by method", "round", label_for(key))
