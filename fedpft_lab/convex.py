@@ -144,6 +144,15 @@ def gd_bound(problem: LeastSquares, num_steps: int) -> np.ndarray:
     return problem.L * distance2 / (2.0 * k)
 
 
+def loglog_slope(gaps: np.ndarray, start: int = 10, end: int | None = None) -> float:
+    """Slope of log(gap) against log(k) between steps ``start`` and ``end``: -1 means the gap falls like 1/k."""
+    gaps = np.asarray(gaps, dtype=np.float64)
+    end = len(gaps) - 1 if end is None else end
+    check_range("start", start, 1, end - 1)
+    k = np.unique(np.geomspace(start, end, 20).astype(int))
+    return float(np.polyfit(np.log(k), np.log(np.maximum(gaps[k], 1e-300)), 1)[0])
+
+
 def final_gap(gaps: np.ndarray, tail: float = 0.2) -> float:
     """The worst gap over the last ``tail`` fraction of the run: where a curve has settled (its floor).
 

@@ -139,6 +139,22 @@ def loss_curve(losses: Sequence[float], title: str = "Training loss", xlabel: st
     return _layout(fig, title, xlabel, ylabel)
 
 
+def line_plot(x: Sequence[float], curves: Mapping[str, Sequence[float]], title: str, xlabel: str, ylabel: str,
+              log_x: bool = False, log_y: bool = False, hline: float | None = None,
+              hline_name: str = "reference") -> go.Figure:
+    """Several named curves over a shared x (a parameter sweep), optionally log axes and a dashed reference."""
+    fig = go.Figure([go.Scatter(x=list(x), y=list(y), mode="lines+markers", name=name)
+                     for name, y in curves.items()])
+    if hline is not None:
+        fig.add_trace(go.Scatter(x=[min(x), max(x)], y=[hline, hline], mode="lines", name=hline_name,
+                                 line=dict(dash="dash", color="gray")))
+    if log_x:
+        fig.update_xaxes(type="log")
+    if log_y:
+        fig.update_yaxes(type="log", exponentformat="power")
+    return _layout(fig, title, xlabel, ylabel)
+
+
 def _column(rounds: Sequence[Mapping], key: str) -> list:
     return [r.get(key) for r in rounds]
 

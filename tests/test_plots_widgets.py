@@ -63,6 +63,14 @@ def test_loss_curve_with_moving_average():
     assert fig.layout.title.text == "local training"
 
 
+def test_line_plot_sweep_with_reference():
+    fig = plots.line_plot([0.1, 1, 10], {"flgo": [0.9, 0.8, 0.7], "per-class": [0.8, 0.7, 0.7]},
+                          "skew", "alpha", "share", log_x=True, hline=0.7, hline_name="IID")
+    assert [t.name for t in fig.data] == ["flgo", "per-class", "IID"]
+    assert list(fig.data[2].y) == [0.7, 0.7] and fig.data[2].line.dash == "dash"
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type is None
+
+
 ROUNDS = [
     {"round": 1, "accuracy": 0.5, "sub_accuracy": 0.45, "grad_cosine": 0.9, "aligned": False},
     {"round": 2, "accuracy": 0.6, "sub_accuracy": 0.5, "grad_cosine": 0.7, "aligned": True},
