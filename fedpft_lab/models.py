@@ -48,8 +48,11 @@ ARCHS = {
 
 def quiet_transformers() -> None:
     """Silence load reports and weight-loading progress bars; they drown the lesson's own output."""
+    import warnings
+
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
