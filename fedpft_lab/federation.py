@@ -1,0 +1,438 @@
+"""Federated proxy fine-tuning, simulated in one process (spec §3-§5).
+
+One round, as the server sees it::
+
+    broadcast (global adapter [+ W_fro package after an alignment]) to the sampled clients
+    each client: load it into its local proxy, train LoRA + head for E epochs, send back adapter
+                 (+ per-neuron activity sums in alignment rounds) and its example count
+    server: FedAvg weighted by example counts -> plug the adapter into the FM and evaluate
+            every t rounds (FedPFT, FedPFT-D): neuron-level alignment of its proxy copy -> W_fro package
+
+Clients are simulated one after another on one "device" model. Each starts from the server's message
+alone (global adapter, fresh optimiser, seeded by (seed, round, client)), so no client sees another's
+state; a test checks that a client's update does not depend on who trained before it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import adapters, align, data, models, subfm
+from .discrepancy import gradient_discrepancy
+from .distill import DistillConfig
+from .errors import ConfigError, check_choice, check_range
+from .workspace import DataConfig, Workspace, atomic_save, ffn_state, load_ffn_state, prepare, sub_fm
+
+METHODS = ("fedpft", "fedpetuning", "fedot", "fedpft-n", "fedpft-b", "fedpft-d")
+METHOD_NAMES = {"fedpft": "FedPFT", "fedpetuning": "FedPETuning", "fedot": "FedOT",
+                "fedpft-n": "FedPFT-N", "fedpft-b": "FedPFT-B", "fedpft-d": "FedPFT-D"}
+LR_SCHEDULES = ("linear", "exp", "constant")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """One federated run. Defaults are the "workshop" size: a few minutes on a 2-core laptop CPU."""
+
+    method: str = "fedpft"
+    data: DataConfig = field(default_factory=DataConfig)
+    sample_fraction: float = 0.3
+    rounds: int = 8
+    local_epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    keep_ratio: float = 0.25
+    retained_layers: tuple[int, ...] | None = None
+    selection: str = "saliency"
+    distill_steps: int = 150
+    distill_batch_size: int = 16
+    distill_lr: float = 6e-4
+    align_interval: int = 2
+    align_proportion: float = 0.5
+    align_steps: int = 20
+    align_batch_size: int = 8
+    align_lr: float = 6e-4
+    align_rule: str = "mean-abs"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        check_range("sample_fraction", self.sample_fraction, 0.0, 1.0, lo_open=True)
+        check_range("rounds", self.rounds, 1, None)
+        check_range("local_epochs", self.local_epochs, 1, None)
+        check_range("batch_size", self.batch_size, 1, None)
+        check_range("lr", self.lr, 0.0, None, lo_open=True)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_range("align_interval", self.align_interval, 1, None)
+        check_range("align_steps", self.align_steps, 0, None)
+        check_choice("align_rule", self.align_rule, align.RULES)
+        check_range("align_proportion", self.align_proportion, 0.0, 1.0, lo_open=True)
+        self.sub_config()  # validates keep_ratio / selection / retained layers
+        self.lora_config()
+        self.distill_config()
+
+    # -- what each method does -----------------------------------------------------------------------
+    @property
+    def proxy_kind(self) -> str:
+        return {"fedpetuning": "fm", "fedot": "layer-drop"}.get(self.method, "sub-fm")
+
+    @property
+    def distil_before(self) -> bool:
+        return self.method in ("fedpft", "fedpft-b")
+
+    @property
+    def align_during(self) -> bool:
+        return self.method in ("fedpft", "fedpft-d")
+
+    def aligns_in(self, rnd: int) -> bool:
+        """Alignment every ``align_interval`` rounds, never after the last round (it would be wasted)."""
+        return self.align_during and self.align_steps > 0 and rnd % self.align_interval == 0 and rnd < self.rounds
+
+    def sub_config(self) -> subfm.SubFMConfig:
+        return subfm.SubFMConfig(self.keep_ratio, self.retained_layers, self.selection, self.seed)
+
+    def lora_config(self) -> adapters.LoRAConfig:
+        return adapters.LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout)
+
+    def distill_config(self) -> DistillConfig:
+        return DistillConfig(steps=self.distill_steps, batch_size=self.distill_batch_size, lr=self.distill_lr,
+                             seed=self.seed)
+
+    def align_config(self, rnd: int) -> DistillConfig:
+        return DistillConfig(steps=self.align_steps, batch_size=self.align_batch_size, lr=self.align_lr,
+                             weight_decay=0.0, seed=self.seed * 1000 + rnd)
+
+    def clients_per_round(self) -> int:
+        return max(1, round(self.sample_fraction * self.data.clients))
+
+    def lr_at(self, rnd: int) -> float:
+        """Global learning-rate schedule; ``linear`` is the official type 2 without its off-by-one."""
+        if self.lr_schedule == "linear":
+            return self.lr * (self.rounds - rnd + 1) / self.rounds
+        if self.lr_schedule == "exp":
+            return self.lr * 0.95 ** (rnd - 1)
+        return self.lr
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FedConfig":
+        d = dict(d)
+        d["data"] = DataConfig(**d["data"])
+        if d.get("retained_layers") is not None:
+            d["retained_layers"] = tuple(d["retained_layers"])
+        return cls(**d)
+
+
+def with_method(cfg: FedConfig, method: str) -> FedConfig:
+    return replace(cfg, method=method)
+
+
+# --------------------------------------------------------------------------- the proxy and the two models
+
+@dataclass
+class Setup:
+    """The server's FM (with LoRA, for plug-in/eval), its proxy copy, and the clients' device proxy."""
+
+    fm: nn.Module
+    server_proxy: nn.Module
+    device_proxy: nn.Module
+    proxy_layers: list[int] | None       # layer-drop: proxy layer j comes from FM layer proxy_layers[j]
+    compressed: list[int]                # sub-FM layers whose FFN was compressed
+    init_state: dict[str, torch.Tensor]  # A_0 in FM naming
+    distill_loss: list[float]
+    fm_params: int
+    proxy_params: int
+
+
+def build_setup(cfg: FedConfig, ws: Workspace, progress: bool = True, stop: threading.Event | None = None) -> Setup:
+    """Build FM + proxy for ``cfg.method`` and the initial global adapter A_0 (from the FM's LoRA init)."""
+    lora = cfg.lora_config()
+    proxy_layers, compressed, loss = None, [], []
+    if cfg.proxy_kind == "fm":
+        proxy = copy.deepcopy(ws.fm)
+    elif cfg.proxy_kind == "sub-fm":
+        steps = cfg.distill_steps if cfg.distil_before else 0
+        built = sub_fm(ws, cfg.sub_config(), replace(cfg.distill_config(), steps=steps), progress=progress, stop=stop)
+        proxy, compressed, loss = built.model, built.info.compressed, built.distill_loss
+    else:
+        target = models.transformer_params(subfm.build_sub_fm(ws.fm, cfg.sub_config())[0])
+        proxy_layers = subfm.emulator_layers(ws.fm, cfg.retained_layers, target_params=target)
+        proxy = subfm.build_layer_drop(ws.fm, proxy_layers)
+    fm_params, proxy_params = models.transformer_params(ws.fm), models.transformer_params(proxy)
+    n_fm = models.num_layers(ws.fm)
+    adapter_layers = (sorted(cfg.sub_config().retained(n_fm)) if proxy_layers is not None else list(range(n_fm)))
+    fm = adapters.add_lora(copy.deepcopy(ws.fm), lora, adapter_layers, seed=cfg.seed)
+    proxy_ids = ([j for j, i in enumerate(proxy_layers) if i in adapter_layers] if proxy_layers is not None
+                 else adapter_layers)
+    server_proxy = adapters.add_lora(proxy, lora, proxy_ids, seed=cfg.seed)
+    device_proxy = copy.deepcopy(server_proxy)
+    init_state = adapters.adapter_state(fm)
+    return Setup(fm, server_proxy, device_proxy, proxy_layers, compressed, init_state, loss, fm_params, proxy_params)
+
+
+def to_proxy_names(state: dict[str, torch.Tensor], proxy_layers: list[int] | None) -> dict[str, torch.Tensor]:
+    if proxy_layers is None:
+        return state
+    return adapters.translate(state, {fm_i: j for j, fm_i in enumerate(proxy_layers)})
+
+
+def to_fm_names(state: dict[str, torch.Tensor], proxy_layers: list[int] | None) -> dict[str, torch.Tensor]:
+    if proxy_layers is None:
+        return state
+    return adapters.translate(state, adapters.layer_key_map(proxy_layers))
+
+
+# --------------------------------------------------------------------------- clients
+
+@dataclass
+class ClientUpdate:
+    """Everything a client sends: its adapter, its example count, and (alignment rounds) activity sums."""
+
+    client: int
+    adapter: dict[str, torch.Tensor]
+    num_examples: int
+    stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def nbytes(self) -> int:
+        return adapters.nbytes(self.adapter) + sum(adapters.nbytes(s) for s in self.stats.values())
+
+
+def local_train(model: nn.Module, split: "data.EncodedSplit", epochs: int, batch_size: int, lr: float,
+                max_grad_norm: float, seed: int, pad_id: int,
+                recorder: align.ActivationRecorder | None = None) -> None:
+    """E epochs of AdamW on the client's shard (fresh optimiser, constant lr within the round)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    torch.manual_seed(seed)  # dropout masks
+    for epoch in range(epochs):
+        for batch in data.iterate_batches(split, batch_size, shuffle=True, seed=seed + epoch, pad_id=pad_id):
+            if recorder is not None:
+                recorder.set_mask(batch.get("attention_mask"))
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            loss = F.cross_entropy(model(**inputs).logits, batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+    model.eval()
+
+
+def client_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int,
+                  global_state: dict[str, torch.Tensor], record_stats: bool) -> ClientUpdate:
+    """One client's round: load the global adapter into the device proxy, train, return the update."""
+    t0 = time.perf_counter()
+    model = setup.device_proxy
+    adapters.load_adapter_state(model, to_proxy_names(global_state, setup.proxy_layers))
+    shard = ws.train.subset(ws.parts[client])
+    seed = (cfg.seed * 1_000_003 + rnd * 1009 + client) % 2**31
+    recorder = align.ActivationRecorder(model, setup.compressed) if record_stats and setup.compressed else None
+    if recorder is not None:
+        with recorder:
+            local_train(model, shard, cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd), cfg.max_grad_norm,
+                        seed, ws.pad_id, recorder)
+    else:
+        local_train(model, shard, cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd), cfg.max_grad_norm, seed, ws.pad_id)
+    state = to_fm_names(adapters.adapter_state(model), setup.proxy_layers)
+    return ClientUpdate(client, state, len(shard), recorder.stats if recorder else {}, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- server side
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: list[dict]) -> float:
+    model.eval()
+    correct = total = 0
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        pred = model(**inputs).logits.argmax(-1)
+        correct += int((pred == batch["labels"]).sum())
+        total += len(pred)
+    return correct / max(1, total)
+
+
+def sample_clients(cfg: FedConfig) -> list[list[int]]:
+    """Pre-sampled client lists, one per round: identical for every method with the same seed and sizes."""
+    rng = np.random.default_rng(cfg.seed + 12345)
+    k = cfg.clients_per_round()
+    return [sorted(rng.choice(cfg.data.clients, size=k, replace=False).tolist()) for _ in range(cfg.rounds)]
+
+
+def _discrepancy(setup: Setup, ws: Workspace, state: dict[str, torch.Tensor]) -> dict:
+    d = gradient_discrepancy(setup.fm, setup.server_proxy, ws.probe_batches, state=state,
+                             proxy_layers=setup.proxy_layers)
+    return {"grad_cosine": d.cosine, "grad_rel_l2": d.rel_l2,
+            "layer_cosine": [x["cosine"] for x in d.per_layer], "layer_rel_l2": [x["rel_l2"] for x in d.per_layer],
+            "hidden_rel_mse": d.hidden_rel_mse, "logit_kl": d.logit_kl}
+
+
+def _atomic_json(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint must hold to continue a run exactly where it stopped."""
+
+    next_round: int
+    global_state: dict[str, torch.Tensor]
+    package: dict[str, torch.Tensor]           # W_fro slices waiting to be broadcast next round
+    server_ffn: dict[str, torch.Tensor]
+    device_ffn: dict[str, torch.Tensor]
+    records: list[dict]
+
+
+def summary(cfg: FedConfig, setup: Setup, records: list[dict]) -> dict:
+    accs = [r["accuracy"] for r in records if r["round"] > 0]
+    trainable = sum(v.numel() for v in setup.init_state.values())
+    return {
+        "config": cfg.to_json(),
+        "method": cfg.method,
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max(accs) if accs else None,
+        "params": {"fm_transformer": setup.fm_params, "sub_transformer": setup.proxy_params,
+                   "trainable": trainable},
+        "cost": {"bytes_up": sum(r["bytes_up"] for r in records), "bytes_down": sum(r["bytes_down"] for r in records),
+                 "client_seconds": sum(r["client_seconds"] for r in records),
+                 "seconds": sum(r["seconds"] for r in records)},
+        "distill_loss": setup.distill_loss,
+        "rounds": records,
+    }
+
+
+def run(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike | None = None,
+        resume: bool = False, progress: bool = True, stop: threading.Event | None = None,
+        on_round: Callable[[dict], None] | None = None) -> dict:
+    """Run ``cfg`` to the end (or until ``stop`` is set) and return the metrics dict (see :func:`summary`)."""
+    result: dict = {}
+    for result in iterate(cfg, ws, out_dir, resume, progress, stop):
+        if on_round is not None:
+            on_round(result["rounds"][-1])
+    return result
+
+
+def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike | None = None,
+            resume: bool = False, progress: bool = True, stop: threading.Event | None = None) -> Iterator[dict]:
+    """The round loop as a generator: yields the metrics dict after every round (round 0 = before FL).
+
+    With ``out_dir``, ``metrics.json`` and ``checkpoint.pt`` are rewritten atomically after every round, so an
+    interrupted run keeps everything it finished and ``resume=True`` continues it bit for bit.
+    """
+    ws = ws if ws is not None else prepare(cfg.data)
+    if ws.cfg != cfg.data:
+        raise ConfigError("the workspace was prepared for a different data configuration than cfg.data")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    setup = build_setup(cfg, ws, progress=progress, stop=stop)
+    state = RunState(0, dict(setup.init_state), {}, {}, {}, [])
+    if resume and out is not None and (out / "checkpoint.pt").exists():
+        state = _load_checkpoint(out, cfg, setup)
+    schedule = sample_clients(cfg)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.rounds, initial=max(0, state.next_round - 1), desc=METHOD_NAMES[cfg.method],
+               disable=not progress)
+    try:
+        while state.next_round <= cfg.rounds:
+            if stop is not None and stop.is_set():
+                break
+            rnd = state.next_round
+            record = _round(cfg, setup, ws, state, rnd, schedule[rnd - 1] if rnd > 0 else [])
+            state.records.append(record)
+            state.next_round += 1
+            metrics = summary(cfg, setup, state.records)
+            if out is not None:
+                _save(out, cfg, setup, state, metrics)
+            if rnd > 0:
+                bar.update(1)
+                bar.set_postfix(acc=f"{record['accuracy']:.3f}", sub=f"{record['sub_accuracy']:.3f}")
+            yield metrics
+    finally:
+        bar.close()
+
+
+def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: int, clients: list[int]) -> dict:
+    """One communication round (``rnd == 0``: evaluate A_0 only, the reference point of every curve)."""
+    t0 = time.perf_counter()
+    record: dict = {"round": rnd, "clients": clients, "lr": cfg.lr_at(rnd) if rnd else 0.0, "aligned": False,
+                    "bytes_up": 0, "bytes_down": 0, "client_seconds": 0.0}
+    if rnd > 0:
+        pkg_bytes = adapters.nbytes(state.package)
+        if state.package:  # the W_fro package rides along with this round's broadcast
+            align.apply_weight_package(models.unwrap(setup.device_proxy), state.package)
+            state.package = {}
+        aligning = cfg.aligns_in(rnd)
+        updates = [client_update(cfg, setup, ws, k, rnd, state.global_state, aligning) for k in clients]
+        down = adapters.nbytes(to_proxy_names(state.global_state, setup.proxy_layers))
+        record["bytes_down"] = len(clients) * (down + pkg_bytes)
+        record["bytes_up"] = sum(u.nbytes() for u in updates)
+        record["client_seconds"] = sum(u.seconds for u in updates)
+        state.global_state = adapters.fedavg([u.adapter for u in updates], [u.num_examples for u in updates])
+    t_eval = time.perf_counter()
+    adapters.load_adapter_state(setup.fm, state.global_state, strict=False)
+    record["accuracy"] = accuracy(setup.fm, ws.test_batches)
+    adapters.load_adapter_state(setup.server_proxy, to_proxy_names(state.global_state, setup.proxy_layers))
+    record["sub_accuracy"] = accuracy(setup.server_proxy, ws.test_batches)
+    record.update(_discrepancy(setup, ws, state.global_state))
+    record["eval_seconds"] = time.perf_counter() - t_eval
+    if rnd > 0 and cfg.aligns_in(rnd):
+        t_align = time.perf_counter()
+        stats = align.merge_stats([u.stats for u in updates])
+        updated = align.choose_updated(stats, cfg.align_proportion, cfg.align_rule, seed=cfg.seed + rnd)
+        result = align.align_neurons(setup.fm, setup.server_proxy, ws.public, updated, cfg.align_config(rnd))
+        state.package = align.weight_package(models.unwrap(setup.server_proxy), updated)
+        record["aligned"] = True
+        record["align_loss"] = result.losses
+        record["align_seconds"] = time.perf_counter() - t_align
+        before = {k: record[k] for k in ("grad_cosine", "grad_rel_l2", "layer_cosine", "sub_accuracy")}
+        record["before_align"] = before
+        record.update(_discrepancy(setup, ws, state.global_state))
+        record["sub_accuracy"] = accuracy(setup.server_proxy, ws.test_batches)
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+# --------------------------------------------------------------------------- persistence
+
+def _save(out: Path, cfg: FedConfig, setup: Setup, state: RunState, metrics: dict) -> None:
+    atomic_save({"config": json.dumps(cfg.to_json(), sort_keys=True), "next_round": state.next_round,
+                 "global_state": state.global_state, "package": state.package,
+                 "server_ffn": ffn_state(models.unwrap(setup.server_proxy), setup.compressed),
+                 "device_ffn": ffn_state(models.unwrap(setup.device_proxy), setup.compressed),
+                 "records": json.dumps(state.records)}, out / "checkpoint.pt")
+    _atomic_json(metrics, out / "metrics.json")
+
+
+def _load_checkpoint(out: Path, cfg: FedConfig, setup: Setup) -> RunState:
+    blob = torch.load(out / "checkpoint.pt", weights_only=True)
+    if blob["config"] != json.dumps(cfg.to_json(), sort_keys=True):
+        raise ConfigError(f"--resume: {out} holds a run with a different configuration; use another --out "
+                          "or the same arguments")
+    load_ffn_state(models.unwrap(setup.server_proxy), blob["server_ffn"])
+    load_ffn_state(models.unwrap(setup.device_proxy), blob["device_ffn"])
+    return RunState(blob["next_round"], blob["global_state"], blob["package"], blob["server_ffn"],
+                    blob["device_ffn"], json.loads(blob["records"]))
