@@ -1,0 +1,270 @@
+"""``fedpft-lab``: inspect a sub-FM, run one federated method, compare methods, benchmark.
+
+Every sub-command runs offline on the embedded default (MiniLM + tweets + Wikipedia summaries).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like '0 5' or '0,5', got {text!r}") from None
+
+
+def _add_data_args(p: argparse.ArgumentParser, clients_default: int | None = None) -> None:
+    from .workspace import DataConfig
+
+    d = DataConfig()
+    p.add_argument("--fm", default=d.fm, help="foundation model: 'minilm' (offline default), a Hub name such as "
+                   "bert-base-uncased / roberta-base / google/vit-base-patch16-224-in21k, a local folder, or tiny-bert")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--task", default=d.task, help="tweets (default), wiki-topics, sst2, qnli, mnli, qqp, cifar10")
+    src.add_argument("--data", default=None, metavar="PATH", help="your own CSV/JSONL with text,label columns")
+    p.add_argument("--max-train", type=int, default=d.max_train, help="training examples used (all clients)")
+    p.add_argument("--max-test", type=int, default=d.max_test, help="test examples used for evaluation")
+    p.add_argument("--public-blocks", type=int, default=d.public_blocks, help="public-corpus blocks for distillation")
+    if clients_default is not None:
+        p.add_argument("--clients", type=int, default=clients_default)
+        p.add_argument("--partition", choices=("iid", "dirichlet"), default=d.partition)
+        p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration (> 0)")
+        p.add_argument("--convention", choices=("flgo", "per-class"), default=d.convention,
+                       help="flgo: each client ~ Dir(alpha * global label mix) (the paper's code); "
+                            "per-class: each label split by Dir(alpha) over clients")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_subfm_args(p: argparse.ArgumentParser) -> None:
+    from .federation import FedConfig
+
+    f = FedConfig()
+    p.add_argument("--keep-ratio", type=float, default=f.keep_ratio, help="fraction of FFN neurons kept, in (0, 1]")
+    p.add_argument("--retained-layers", type=_int_list, default=None,
+                   help="layers kept whole, e.g. '0 5' (default: first and last)")
+    p.add_argument("--selection", choices=("saliency", "random"), default=f.selection)
+    p.add_argument("--distill-steps", type=int, default=f.distill_steps, help="layer-level distillation steps")
+
+
+def _data_config(a: argparse.Namespace):
+    from .workspace import DataConfig
+
+    kw = dict(fm=a.fm, task=a.data or a.task, max_train=a.max_train, max_test=a.max_test,
+              public_blocks=a.public_blocks, seed=a.seed)
+    for name in ("clients", "partition", "alpha", "convention"):
+        if hasattr(a, name):
+            kw[name] = getattr(a, name)
+    if not hasattr(a, "clients"):
+        kw.update(clients=1, partition="iid")
+    return DataConfig(**kw)
+
+
+def _fed_config(a: argparse.Namespace, method: str | None = None):
+    from .federation import FedConfig
+
+    return FedConfig(method=method or a.method, data=_data_config(a), sample_fraction=a.sample_fraction,
+                     rounds=a.rounds, local_epochs=a.local_epochs, lr=a.lr, keep_ratio=a.keep_ratio,
+                     retained_layers=a.retained_layers, selection=a.selection, distill_steps=a.distill_steps,
+                     align_interval=a.align_interval, align_proportion=a.align_proportion,
+                     align_steps=a.align_steps, align_rule=a.align_rule, lora_rank=a.lora_rank, seed=a.seed)
+
+
+def _add_fed_args(p: argparse.ArgumentParser) -> None:
+    from .federation import FedConfig
+
+    f = FedConfig()
+    _add_data_args(p, clients_default=f.data.clients)
+    _add_subfm_args(p)
+    p.add_argument("--sample-fraction", type=float, default=f.sample_fraction, help="clients sampled per round, (0, 1]")
+    p.add_argument("--rounds", type=int, default=f.rounds)
+    p.add_argument("--local-epochs", type=int, default=f.local_epochs)
+    p.add_argument("--lr", type=float, default=f.lr, help="initial client learning rate (linear decay over rounds)")
+    p.add_argument("--lora-rank", type=int, default=f.lora_rank)
+    p.add_argument("--align-interval", type=int, default=f.align_interval, help="t: align every t rounds")
+    p.add_argument("--align-proportion", type=float, default=f.align_proportion,
+                   help="p: fraction of each compressed FFN's neurons updated at an alignment, (0, 1]")
+    p.add_argument("--align-steps", type=int, default=f.align_steps)
+    p.add_argument("--align-rule", choices=("mean-abs", "apoz"), default=f.align_rule)
+
+
+# --------------------------------------------------------------------------- inspect
+
+def cmd_inspect(a: argparse.Namespace) -> dict:
+    import copy
+
+    from . import adapters, models, subfm
+    from .discrepancy import gradient_discrepancy
+    from .distill import DistillConfig
+    from .workspace import prepare, sub_fm
+
+    t0 = time.perf_counter()
+    ws = prepare(_data_config(a))
+    sub_cfg = subfm.SubFMConfig(a.keep_ratio, a.retained_layers, a.selection, a.seed)
+    built = sub_fm(ws, sub_cfg, DistillConfig(steps=a.distill_steps, seed=a.seed), progress=not a.quiet)
+    lora = adapters.LoRAConfig()
+    fm = adapters.add_lora(copy.deepcopy(ws.fm), lora, seed=a.seed)
+    sub = adapters.add_lora(built.model, lora, seed=a.seed)
+    d = gradient_discrepancy(fm, sub, ws.probe_batches, state=adapters.adapter_state(fm))
+    result = {
+        "fm": a.fm, "task": ws.task.name, "keep_ratio": a.keep_ratio, "selection": a.selection,
+        "params": {"fm_transformer": models.transformer_params(ws.fm),
+                   "sub_transformer": models.transformer_params(built.model)},
+        "grad_cosine": d.cosine, "grad_rel_l2": d.rel_l2, "logit_kl": d.logit_kl,
+        "per_module": d.per_module,
+        "layers": [{"layer": i, "compressed": i in built.info.kept,
+                    "kept_neurons": len(built.info.kept.get(i, range(built.info.fm_width[i]))),
+                    "fm_neurons": built.info.fm_width[i], "hidden_rel_mse": d.hidden_rel_mse[i],
+                    "grad_cosine": next((x["cosine"] for x in d.per_layer if x["layer"] == i), None)}
+                   for i in range(built.info.num_layers)],
+        "distill_loss": built.distill_loss, "distill_cached": built.cached,
+        "seconds": time.perf_counter() - t0,
+    }
+    _write_json(Path(a.out) / "inspect.json", result)
+    if not a.quiet:
+        _print_inspect(result)
+    return result
+
+
+def _print_inspect(r: dict) -> None:
+    from .models import format_params
+
+    p = r["params"]
+    print(f"\nFM {r['fm']}  task {r['task']}  keep_ratio {r['keep_ratio']}  selection {r['selection']}")
+    print(f"  transformer params  FM {format_params(p['fm_transformer'])}")
+    print(f"                   sub-FM {format_params(p['sub_transformer'])}  "
+          f"({p['sub_transformer'] / p['fm_transformer']:.2f}x)")
+    if r["distill_loss"]:
+        print(f"  layer-level distillation: {len(r['distill_loss'])} steps, loss {r['distill_loss'][0]:.4f} -> "
+              f"{r['distill_loss'][-1]:.4f}{' (cached)' if r['distill_cached'] else ''}")
+    print(f"  adapter-gradient cosine {r['grad_cosine']:.4f}   relative L2 {r['grad_rel_l2']:.4f}   "
+          f"logit KL {r['logit_kl']:.2e}")
+    print("  layer  compressed  neurons      hidden rel-MSE")
+    for l in r["layers"]:
+        print(f"  {l['layer']:>5}  {'yes' if l['compressed'] else 'no':>10}  {l['kept_neurons']:>4}/{l['fm_neurons']:<6}  "
+              f"{l['hidden_rel_mse']:.4f}")
+    print(f"  ({r['seconds']:.1f}s)")
+
+
+# --------------------------------------------------------------------------- run / compare
+
+def cmd_run(a: argparse.Namespace) -> dict:
+    from .federation import run
+
+    cfg = _fed_config(a)
+    out = Path(a.out)
+    metrics = run(cfg, out_dir=out, resume=a.resume, progress=not a.quiet)
+    if not a.quiet:
+        print_run_table(metrics)
+        print(f"results: {out / 'metrics.json'}")
+    return metrics
+
+
+def print_run_table(m: dict) -> None:
+    from .models import format_params
+
+    print(f"\n{m['method']}: round  FM-acc  sub-acc  grad-cos  rel-L2  aligned  MB-up  MB-down  s")
+    for r in m["rounds"]:
+        print(f"  {r['round']:>5}  {r['accuracy']:.3f}   {r['sub_accuracy']:.3f}   {r['grad_cosine']:.4f}   "
+              f"{r['grad_rel_l2']:.3f}   {'yes' if r['aligned'] else '':>7}  {r['bytes_up'] / 1e6:5.2f}  "
+              f"{r['bytes_down'] / 1e6:7.2f}  {r['seconds']:.1f}")
+    p, c = m["params"], m["cost"]
+    print(f"final accuracy {m['final_accuracy']:.4f}  best {m['best_accuracy']:.4f}")
+    print(f"transformer params: FM {format_params(p['fm_transformer'])}, proxy {format_params(p['sub_transformer'])}; "
+          f"trainable {p['trainable']:,}; communication {(c['bytes_up'] + c['bytes_down']) / 1e6:.1f} MB")
+
+
+def cmd_compare(a: argparse.Namespace) -> dict:
+    from .compare import compare, format_table
+
+    base = _fed_config(a, method=a.methods[0])
+    table = compare(base, a.methods, a.seeds, out_dir=Path(a.out), resume=a.resume, progress=not a.quiet)
+    if not a.quiet:
+        print(format_table(table))
+        print(f"results: {Path(a.out) / 'compare.json'}")
+    return table
+
+
+def cmd_bench(a: argparse.Namespace) -> dict:
+    from .bench import main as bench_main
+
+    return bench_main(a)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from .federation import _atomic_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_json(obj, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .federation import METHODS
+
+    parser = argparse.ArgumentParser(prog="fedpft-lab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("inspect", help="build (and optionally distil) a sub-FM; report params and discrepancy")
+    _add_data_args(p)
+    _add_subfm_args(p)
+    p.set_defaults(distill_steps=0)
+    p.add_argument("--out", default="runs/inspect")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="run one federated method (default: FedPFT on the offline default)")
+    p.add_argument("--method", choices=METHODS, default="fedpft")
+    _add_fed_args(p)
+    p.add_argument("--out", default="runs/run")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="several methods x seeds on identical splits, as in the paper's tables")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    _add_fed_args(p)
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--resume", action="store_true", help="reuse finished runs in --out and continue partial ones")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="measure throughput, FLOP efficiency, round and notebook times")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--skip-notebooks", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .paths import set_offline_env
+
+    set_offline_env()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["run"]  # the main job: FedPFT on the offline default at workshop size
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "func"):
+        build_parser().print_help()
+        return 2
+    try:
+        args.func(args)
+    except ConfigError as e:
+        print(f"fedpft-lab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: results written so far are kept (use --resume to continue)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
