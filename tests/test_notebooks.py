@@ -1,0 +1,276 @@
+"""Every lab notebook: structure checks (no kernel) and a SMOKE run with papermill checked against expectations.
+
+Adding ``labs/NN_name.ipynb`` adds it here automatically. Its run must write ``metrics.json`` and it must have
+an entry in ``EXPECTATIONS`` below (the test fails with a reminder until it has one): a new lab states what
+"it worked" means in numbers.
+
+Expectation values: ``(lo, hi)`` is an inclusive range, a callable is a predicate on the value, anything else
+must be equal. ``RELATIONS`` holds checks across several metrics of one lab.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from fedpft_lab import notebook as nb
+from fedpft_lab.errors import ConfigError
+
+LABS = Path(__file__).resolve().parent.parent / "labs"
+NOTEBOOKS = sorted(LABS.glob("[0-9][0-9]_*.ipynb"))
+REQUIRED_PARAMETERS = {"SMOKE": bool, "SEED": int, "HEADLESS": bool, "OUT_DIR": str}
+SMOKE_PARAMETERS = {"SMOKE": True, "SEED": 0, "HEADLESS": True}
+SMOKE_BUDGET_S = 120     # generous guard: SMOKE runs take seconds; minutes means SMOKE sizes were forgotten
+
+
+def is_fraction(v: object) -> bool:
+    return isinstance(v, (int, float)) and 0.0 <= v <= 1.0
+
+
+EXPECTATIONS: dict[str, dict[str, object]] = {
+    "01_clients_and_skew": {
+        "task": "tweets",
+        "num_clients": 20,
+        "num_examples": 2000,               # the SMOKE subsample
+        "num_labels": 2,
+        "majority_share_iid": (0.6, 0.8),   # ~70% of the tweets are negative
+        "majority_share": lambda d: set(d) == {"flgo", "per-class"} and all(
+            is_fraction(s) for shares in d.values() for s in shares.values()),
+        "round_drift_iid": (0.0, 0.1),
+        "round_drift_skewed": (0.05, 1.0),
+        "exercise_alpha": (0.01, 10.0),
+        "exercise_share": (0.9, 1.0),
+    },
+    "07_why_alignment_matters": {
+        "num_steps": 1000,
+        "bound_holds": True,
+        "true_slope": (-1.3, -0.7),         # the O(1/k) rate
+        "true_final_gap": (0.0, 1e-4),
+        "unaligned_final_gap": (1e-3, math.inf),
+        "realigned_final_gap": (0.0, 1e-3),
+        "floors": lambda d: len(d) >= 3,
+        "exercise_period": lambda t: isinstance(t, int) and 1 <= t <= 100,
+        "exercise_gap": (0.0, 1e-4),
+    },
+}
+
+
+def _flgo_skew_falls_with_alpha(m: dict) -> bool:
+    flgo = m["majority_share"]["flgo"]
+    shares = [flgo[a] for a in sorted(flgo, key=float)]
+    return all(x >= y - 0.02 for x, y in zip(shares, shares[1:])) and shares[0] > 0.9 > shares[-1]
+
+
+def _floors_grow_with_period(m: dict) -> bool:
+    floors = [m["floors"][t] for t in sorted(m["floors"], key=int)]
+    return all(x <= y * 1.05 for x, y in zip(floors, floors[1:])) and floors[-1] < m["unaligned_final_gap"]
+
+
+RELATIONS: dict[str, list[tuple[str, Callable[[dict], bool]]]] = {
+    "01_clients_and_skew": [
+        ("FLGo skew falls as alpha grows", _flgo_skew_falls_with_alpha),
+        ("skewed rounds drift further from p than IID rounds",
+         lambda m: m["round_drift_skewed"] > 3 * m["round_drift_iid"]),
+    ],
+    "07_why_alignment_matters": [
+        ("re-alignment keeps the gap far below the unaligned proxy",
+         lambda m: m["realigned_final_gap"] * 10 < m["unaligned_final_gap"]),
+        ("the true gradient is best", lambda m: m["true_final_gap"] <= m["realigned_final_gap"]),
+        ("floors grow with the period", _floors_grow_with_period),
+    ],
+}
+
+
+def check_value(value: object, expected: object) -> bool:
+    if isinstance(expected, tuple):
+        lo, hi = expected
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+    if callable(expected):
+        return bool(expected(value))
+    return value == expected
+
+
+# ----------------------------------------------------------------------------- structure (no kernel)
+
+def read(path: Path) -> nbformat.NotebookNode:
+    return nbformat.read(path, as_version=4)
+
+
+def code_cells(notebook: nbformat.NotebookNode) -> list:
+    return [c for c in notebook.cells if c.cell_type == "code"]
+
+
+def calls(source: str) -> set[str]:
+    """Names of every function or method called in a cell (``nb.setup(...)`` -> ``setup``)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            names.add(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ""))
+    return names
+
+
+def test_labs_exist():
+    assert NOTEBOOKS, f"no labs found in {LABS}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_metadata_and_no_outputs(path):
+    notebook = read(path)
+    nbformat.validate(notebook)
+    assert notebook.metadata.get("kernelspec", {}).get("name") == "python3", \
+        "kernelspec name must be 'python3' (papermill and fresh venvs resolve that one)"
+    for cell in code_cells(notebook):
+        assert not cell.outputs and cell.execution_count is None, \
+            f"commit labs without outputs (cell starting {cell.source[:40]!r}); clear them before committing"
+    assert notebook.cells[0].cell_type == "markdown", "a lab starts with its lesson in Markdown"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_is_literals_only(path):
+    tagged = [c for c in code_cells(read(path)) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"need exactly one cell tagged 'parameters', found {len(tagged)}"
+    found = {}
+    for stmt in ast.parse(tagged[0].source).body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name), \
+            f"parameters cell may only hold `NAME = literal` lines, got: {ast.unparse(stmt)}"
+        try:
+            found[stmt.targets[0].id] = ast.literal_eval(stmt.value)
+        except ValueError:
+            pytest.fail(f"{ast.unparse(stmt)}: compute derived values in a later cell, not in parameters")
+    for name, kind in REQUIRED_PARAMETERS.items():
+        assert name in found, f"parameters cell must define {name}"
+        assert type(found[name]) is kind, f"{name} must be a {kind.__name__} literal"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_setup_exercise_and_metrics_cells(path):
+    cells = code_cells(read(path))
+    for cell in cells:
+        source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        ast.parse(source)                                  # every code cell is valid Python
+        assert "interact_manual" not in source, "interact_manual never runs headless; use a RunPanel"
+    params = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    assert "setup" in calls(cells[params + 1].source), "the cell after parameters must call nb.setup(...)"
+    assert any("check" in calls(c.source) for c in cells), "a lab needs an exercise ending in nb.check(...)"
+    assert "write_metrics" in calls(cells[-1].source), "the last cell must call nb.write_metrics(OUT_DIR, ...)"
+
+
+# ----------------------------------------------------------------------------- execution (papermill)
+
+@pytest.fixture(scope="session")
+def python3_kernel(tmp_path_factory):
+    """A 'python3' kernelspec for *this* interpreter, found first via JUPYTER_PATH.
+
+    Written to a temporary folder, so neither the user's home nor the venv is touched, and a stray system
+    'python3' kernel (another interpreter without fedpft_lab) cannot shadow it.
+    """
+    from ipykernel.kernelspec import install
+
+    prefix = tmp_path_factory.mktemp("jupyter")
+    install(kernel_name="python3", prefix=str(prefix))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+        yield "python3"
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_headless_and_meets_expectations(path, tmp_path, python3_kernel):
+    import papermill as pm
+
+    pm.execute_notebook(str(path), str(tmp_path / path.name), kernel_name=python3_kernel, cwd=str(LABS),
+                        parameters={**SMOKE_PARAMETERS, "OUT_DIR": str(tmp_path)}, progress_bar=False,
+                        execution_timeout=600)
+    metrics_file = tmp_path / "metrics.json"
+    assert metrics_file.is_file(), f"{path.name} did not write metrics.json into OUT_DIR"
+    metrics = json.loads(metrics_file.read_text())
+    assert isinstance(metrics.get("seconds"), (int, float)), "metrics.json needs 'seconds'"
+    assert metrics["seconds"] < SMOKE_BUDGET_S, f"SMOKE run took {metrics['seconds']:.0f} s"
+    assert path.stem in EXPECTATIONS, (
+        f"{path.stem} ran and wrote {sorted(metrics)}; add EXPECTATIONS[{path.stem!r}] in "
+        f"tests/test_notebooks.py stating which values mean the lab worked")
+    problems = [f"{key}: missing" if key not in metrics else f"{key}={metrics[key]!r} not within {expected!r}"
+                for key, expected in EXPECTATIONS[path.stem].items()
+                if key not in metrics or not check_value(metrics[key], expected)]
+    problems += [f"relation failed: {name}" for name, rule in RELATIONS.get(path.stem, [])
+                 if not problems and not rule(metrics)]
+    assert not problems, f"{path.name}: " + "; ".join(problems)
+
+
+# ----------------------------------------------------------------------------- notebook helpers
+
+def test_write_metrics_is_atomic_json_with_seconds(tmp_path):
+    ctx = nb.LabContext(seed=3, smoke=True, headless=True)
+    import numpy as np
+
+    path = nb.write_metrics(tmp_path / "out", {"acc": np.float32(0.5), "curve": np.arange(3)}, ctx)
+    data = json.loads(path.read_text())
+    assert data["acc"] == 0.5 and data["curve"] == [0, 1, 2]
+    assert data["seed"] == 3 and data["smoke"] is True and data["seconds"] >= 0
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]      # no temporary file left behind
+
+
+def test_write_metrics_refuses_nan_and_missing_seconds(tmp_path):
+    with pytest.raises(ConfigError, match="seconds"):
+        nb.write_metrics(tmp_path, {"acc": 0.5})
+    with pytest.raises(ConfigError, match="finite"):
+        nb.write_metrics(tmp_path, {"acc": float("nan"), "seconds": 1.0})
+    assert not list(tmp_path.iterdir())
+
+
+def test_check_prints_tick_or_raises_with_hint(capsys):
+    nb.check(True, "well done")
+    assert capsys.readouterr().out == "✓ well done\n"
+    with pytest.raises(AssertionError, match="try a smaller alpha"):
+        nb.check(False, "well done", hint="try a smaller alpha")
+
+
+def test_timer_records_named_sections():
+    ctx = nb.LabContext(seed=0, smoke=False, headless=False)
+    with ctx.timer("partition"):
+        pass
+    assert ctx.timings["partition"] >= 0 and ctx.elapsed() >= ctx.timings["partition"]
+
+
+def test_setup_seeds_and_configures(monkeypatch):
+    import random
+
+    import numpy as np
+    import plotly.io as pio
+    import torch
+
+    for key in nb.HEADLESS_ENV:
+        monkeypatch.setenv(key, "0")                  # restored after the test
+    monkeypatch.setattr(pio.renderers, "default", pio.renderers.default)
+    threads = torch.get_num_threads()
+    try:
+        ctx = nb.setup(seed=7, smoke=True, headless=True, threads=1)
+        first = (random.random(), np.random.rand(), torch.rand(1).item())
+        nb.setup(seed=7, smoke=True, headless=True, threads=1)
+        assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+        assert ctx.seed == 7 and ctx.smoke and ctx.headless
+        assert pio.renderers.default == nb.DEFAULT_RENDERER and torch.get_num_threads() == 1
+        import os
+        assert os.environ["TQDM_DISABLE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_setup_rejects_bad_seeds(seed):
+    with pytest.raises(ConfigError):
+        nb.setup(seed=seed)
+
+
+def test_python_used_by_the_kernel_is_this_one(python3_kernel):
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec(python3_kernel)
+    assert spec.argv[0] == sys.executable
