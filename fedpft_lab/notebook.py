@@ -28,8 +28,25 @@ Notebook layout (``labs/NN_name.ipynb``, kernelspec name ``python3``, committed 
        if not HEADLESS:
            display(panel)
 
-   Expensive work behind a button uses ``runner.BackgroundRun`` (via ``RunPanel``); the static path calls
-   the same ``work`` with ``BackgroundRun(work).run_blocking()`` or the library function directly.
+   Expensive work behind a button uses ``runner.BackgroundRun`` via ``widgets.RunPanel``; the static path calls
+   the same ``work`` with ``BackgroundRun(work).run_blocking()`` or the library function directly. For a
+   federated run (``federation.run`` reports one record per round through ``on_round``)::
+
+       def work(stop, emit):                     # called afresh on every Start: read the sliders here
+           cfg = federation.FedConfig(rounds=rounds_slider.value, seed=SEED)
+           report = lambda record: emit({**record, "progress": record["round"] / cfg.rounds})
+           return federation.run(cfg, progress=False, stop=stop, on_round=report)
+
+       run = runner.BackgroundRun(work)
+       run.run_blocking()                        # static path: the same work, in this thread
+       plots.round_curves(run.events, keys=("accuracy", "sub_accuracy"))
+
+       keys = ("accuracy", "sub_accuracy")
+       panel = widgets.RunPanel(work, widgets.round_curve_updater(keys), [plots.empty_round_curves(keys)],
+                                controls=[rounds_slider])
+       if not HEADLESS:
+           display(panel)
+
 7. At least one exercise: a Markdown task, a code cell the participant edits (shipped with a working solution
    between ``### BEGIN SOLUTION`` / ``### END SOLUTION``), and a check cell ending in ``nb.check(...)``,
    which prints "✓ ..." or fails with a hint.

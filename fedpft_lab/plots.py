@@ -163,11 +163,20 @@ def _aligned_rounds(rounds: Sequence[Mapping]) -> list:
     return [r.get("round", i) for i, r in enumerate(rounds) if r.get("aligned")]
 
 
+def alignment_line(x: float) -> dict:
+    """A dotted full-height vertical line at round ``x`` (a layout shape; ``fig.add_shape(**alignment_line(x))``).
+
+    Spelled out instead of ``add_vline`` because that helper fails inside a FigureWidget ``batch_update``.
+    """
+    return dict(type="line", x0=x, x1=x, xref="x", y0=0, y1=1, yref="y domain",
+                line=dict(color=ALIGN_COLOUR, dash="dot", width=1))
+
+
 def _mark_alignments(fig: go.Figure, rounds: Sequence[Mapping], key: str | None) -> None:
     """Dotted vertical line at every aligned round, plus diamond markers on ``key``'s curve (for the legend)."""
     aligned = _aligned_rounds(rounds)
     for x in aligned:
-        fig.add_vline(x=x, line=dict(color=ALIGN_COLOUR, dash="dot", width=1))
+        fig.add_shape(**alignment_line(x))
     if aligned and key is not None:
         ys = [r.get(key) for i, r in enumerate(rounds) if r.get("aligned")]
         fig.add_trace(go.Scatter(x=aligned, y=ys, mode="markers", name="alignment round",
@@ -191,6 +200,20 @@ def round_curves(rounds: Sequence[Mapping], keys: Sequence[str] = ("accuracy", "
     _mark_alignments(fig, rounds, present[0])
     if ylabel is None:
         ylabel = label_for(present[0]) if len(present) == 1 else "value"
+    return _layout(fig, title, "round", ylabel)
+
+
+def empty_round_curves(keys: Sequence[str] = ("accuracy", "sub_accuracy"), title: str = "Per-round metrics",
+                       ylabel: str | None = None) -> go.Figure:
+    """The figure ``round_curves`` would draw, with no rounds yet: one empty line per key, then the
+    alignment-marker trace. A RunPanel fills it live with ``widgets.round_curve_updater(keys)``."""
+    if not keys:
+        raise ConfigError("keys must name at least one metric")
+    fig = go.Figure([go.Scatter(x=[], y=[], mode="lines+markers", name=label_for(k)) for k in keys])
+    fig.add_trace(go.Scatter(x=[], y=[], mode="markers", name="alignment round",
+                             marker=dict(symbol="diamond", size=10, color="black")))
+    if ylabel is None:
+        ylabel = label_for(keys[0]) if len(keys) == 1 else "value"
     return _layout(fig, title, "round", ylabel)
 
 

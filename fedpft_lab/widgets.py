@@ -53,6 +53,36 @@ def _error_html(exc: BaseException) -> str:
     return f"<span style='color:#b00'><b>{type(exc).__name__}:</b> {html.escape(str(exc))}</span>"
 
 
+def extend_trace(trace: go.Scatter, xs: Sequence, ys: Sequence) -> None:
+    """Append points to a (FigureWidget) trace; works whether its data is empty, a tuple or a NumPy array."""
+    old_x = [] if trace.x is None else list(trace.x)
+    old_y = [] if trace.y is None else list(trace.y)
+    trace.x, trace.y = old_x + list(xs), old_y + list(ys)
+
+
+def round_curve_updater(keys: Sequence[str] = ("accuracy", "sub_accuracy"),
+                        ) -> Callable[[Event, list[go.FigureWidget]], None]:
+    """An ``on_event`` for RunPanel that draws round records into ``plots.empty_round_curves(keys)`` (figs[0]).
+
+    An event with ``"round"`` adds a point to every key it carries; ``"aligned": True`` also adds the marker
+    and the dotted vertical line, exactly as ``plots.round_curves`` draws a finished run.
+    """
+    keys = list(keys)
+
+    def update(event: Event, figs: list[go.FigureWidget]) -> None:
+        if "round" not in event:
+            return
+        fig, x = figs[0], event["round"]
+        for trace, key in zip(fig.data, keys):
+            if event.get(key) is not None:
+                extend_trace(trace, [x], [event[key]])
+        if event.get("aligned"):
+            extend_trace(fig.data[len(keys)], [x], [event.get(keys[0])])
+            fig.add_shape(**plots.alignment_line(x))
+
+    return update
+
+
 # ----------------------------------------------------------------------------- RunPanel
 
 class RunPanel(w.VBox):

@@ -231,6 +231,32 @@ def test_run_panel_shows_errors_and_unlocks():
     assert not knob.disabled
 
 
+def test_round_curve_updater_fills_the_empty_figure_live():
+    fig = plots.empty_round_curves(("accuracy", "grad_cosine"))
+    assert [t.name for t in fig.data] == [plots.label_for("accuracy"), plots.label_for("grad_cosine"),
+                                         "alignment round"]
+
+    def work(stop, emit):
+        for record in ROUNDS:
+            emit(record)
+        emit({"status": "evaluating"})                                  # events without a round are fine
+
+    panel = widgets.RunPanel(work, widgets.round_curve_updater(("accuracy", "grad_cosine")), [fig])
+    panel.start_button.click()
+    assert panel.run.join(timeout=10) and panel.run.error is None
+    live = panel.figs[0]
+    assert list(live.data[0].x) == [1, 2, 3] and list(live.data[0].y) == [0.5, 0.6, 0.7]
+    assert list(live.data[1].y) == [0.9, 0.7, 0.95]
+    assert list(live.data[2].x) == [2] and [s.x0 for s in live.layout.shapes] == [2]
+
+
+def test_extend_trace_handles_arrays_and_empty():
+    fig = go.FigureWidget(plots.loss_curve([]))
+    widgets.extend_trace(fig.data[0], [0, 1], [3.0, 2.0])
+    widgets.extend_trace(fig.data[0], [2], [1.0])
+    assert list(fig.data[0].y) == [3.0, 2.0, 1.0]
+
+
 def test_convex_curves_match_the_library():
     problem = convex.make_problem(dim=8, seed=1)
     gaps = convex.gradient_descent_gaps(problem, 50)
