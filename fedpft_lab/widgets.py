@@ -204,9 +204,13 @@ def partition_explorer(labels: Sequence[int] | np.ndarray, label_names: Sequence
     bars = go.FigureWidget(plots.client_label_bars(counts, label_names))
     readout.value = _partition_summary(counts, num_labels)
 
+    def sync_enabled() -> None:
+        # alpha and the convention only mean something for the Dirichlet scheme
+        iid = controls["scheme"].value == "iid"
+        controls["alpha"].disabled = controls["convention"].disabled = iid
+
     def redraw(_change: object = None) -> None:
-        dirichlet = controls["scheme"].value == "dirichlet"
-        controls["alpha"].disabled = controls["convention"].disabled = not dirichlet
+        sync_enabled()
         try:
             counts = current_counts()
         except ConfigError as exc:
@@ -219,9 +223,9 @@ def partition_explorer(labels: Sequence[int] | np.ndarray, label_names: Sequence
                 trace.update(x=names, y=counts[:, c])
         readout.value = _partition_summary(counts, num_labels)
 
+    sync_enabled()
     for control in controls.values():
         control.observe(redraw, names="value")
-    redraw()
     return Panel(controls, {"heatmap": heatmap, "bars": bars}, readout, title="Partition explorer")
 
 
