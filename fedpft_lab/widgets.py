@@ -166,10 +166,10 @@ class RunPanel(w.VBox):
 
 # ----------------------------------------------------------------------------- lab 01: partition explorer
 
-def _partition_summary(counts: np.ndarray, num_labels: int) -> str:
+def _partition_summary(counts: np.ndarray, iid_share: float) -> str:
     sizes = counts.sum(axis=1)
     return (f"mean majority-label share <b>{plots.majority_share(counts):.2f}</b> "
-            f"(IID would be about {1 / num_labels:.2f}); client sizes {sizes.min()}–{sizes.max()}")
+            f"(IID: about {iid_share:.2f}, 1.00: one label per client); client sizes {sizes.min()}–{sizes.max()}")
 
 
 def partition_explorer(labels: Sequence[int] | np.ndarray, label_names: Sequence[str], num_clients: int = 10,
@@ -181,8 +181,9 @@ def partition_explorer(labels: Sequence[int] | np.ndarray, label_names: Sequence
     """
     labels = np.asarray(labels)
     num_labels = len(label_names)
+    iid_share = float(np.bincount(labels, minlength=num_labels).max() / len(labels))   # the global majority
     controls = {
-        "clients": w.IntSlider(value=num_clients, min=2, max=100, description="clients",
+        "clients": w.IntSlider(value=num_clients, min=2, max=max(100, num_clients), description="clients",
                                continuous_update=False),
         "alpha": w.FloatLogSlider(value=alpha, base=10, min=-2, max=2, step=0.1, description="alpha",
                                   readout_format=".3g", continuous_update=False),
@@ -202,7 +203,7 @@ def partition_explorer(labels: Sequence[int] | np.ndarray, label_names: Sequence
     counts = current_counts()
     heatmap = go.FigureWidget(plots.client_label_heatmap(counts, label_names))
     bars = go.FigureWidget(plots.client_label_bars(counts, label_names))
-    readout.value = _partition_summary(counts, num_labels)
+    readout.value = _partition_summary(counts, iid_share)
 
     def sync_enabled() -> None:
         # alpha and the convention only mean something for the Dirichlet scheme
@@ -221,7 +222,7 @@ def partition_explorer(labels: Sequence[int] | np.ndarray, label_names: Sequence
             heatmap.data[0].update(z=plots.label_shares(counts), y=names, customdata=counts)
             for c, trace in enumerate(bars.data):
                 trace.update(x=names, y=counts[:, c])
-        readout.value = _partition_summary(counts, num_labels)
+        readout.value = _partition_summary(counts, iid_share)
 
     sync_enabled()
     for control in controls.values():
