@@ -334,6 +334,27 @@ def run(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike 
     return result
 
 
+def cached_run(cfg: FedConfig, ws: Workspace | None = None, progress: bool = True,
+               stop: threading.Event | None = None, on_round: Callable[[dict], None] | None = None) -> dict:
+    """:func:`run` with its results kept under the cache, keyed by the configuration.
+
+    The labs call this so a run finished in one notebook (or an interrupted one) is reused, not redone:
+    a complete run returns at once, a partial one resumes.
+    """
+    from . import paths
+
+    out = paths.cache_dir() / "runs" / f"{cfg.method}-{paths.config_key(cfg.to_json())}"
+    done = out / "metrics.json"
+    if done.exists():
+        metrics = json.loads(done.read_text())
+        if len(metrics["rounds"]) == cfg.rounds + 1:
+            if on_round is not None:
+                for r in metrics["rounds"]:
+                    on_round(r)
+            return metrics
+    return run(cfg, ws, out_dir=out, resume=True, progress=progress, stop=stop, on_round=on_round)
+
+
 def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike | None = None,
             resume: bool = False, progress: bool = True, stop: threading.Event | None = None) -> Iterator[dict]:
     """The round loop as a generator: yields the metrics dict after every round (round 0 = before FL).

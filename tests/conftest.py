@@ -39,3 +39,38 @@ def pytest_configure(config):
     except ImportError:  # the packaging tests do not need torch
         return
     torch.set_num_threads(TORCH_THREADS)
+
+
+# ----------------------------------------------------------------------------- shared models and data
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real pretrained MiniLM FM with a seeded 2-class head. Never modify it: deep-copy first."""
+    from fedpft_lab import models
+
+    return models.load_fm("minilm", num_labels=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from fedpft_lab import models
+
+    return models.load_preprocessor("minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_config():
+    """A data configuration small enough for federated runs of a tiny model in a second or two."""
+    from fedpft_lab.workspace import DataConfig
+
+    return DataConfig(fm="tiny-bert", task="tweets", clients=4, max_train=160, max_test=64,
+                      public_blocks=64, block_size=32, probe_batches=2, probe_batch_size=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ws(tiny_data_config):
+    from fedpft_lab.workspace import prepare
+
+    return prepare(tiny_data_config)

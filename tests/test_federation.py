@@ -1,0 +1,139 @@
+"""The federated loop: FedAvg math, method invariants, privacy of client messages, resume, errors."""
+import dataclasses
+import json
+import threading
+
+import pytest
+import torch
+
+from fedpft_lab import adapters, federation as fl
+from fedpft_lab.errors import ConfigError
+
+
+def _cfg(data_cfg, **kw):
+    base = dict(data=data_cfg, rounds=3, sample_fraction=0.5, batch_size=8, distill_steps=4, distill_batch_size=8,
+                align_interval=1, align_steps=3, align_batch_size=4, lr=5e-3)
+    base.update(kw)
+    return fl.FedConfig(**base)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def test_fedavg_of_identical_adapters_is_that_adapter():
+    s = {"a": torch.randn(3, 4), "b": torch.randn(2)}
+    out = adapters.fedavg([s, s, s], [1, 5, 2])
+    assert all(torch.allclose(out[k], s[k], atol=1e-7) for k in s)
+
+
+def test_fedavg_weights_by_data_size():
+    s1, s2 = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([4.0, -1.0])}
+    out = adapters.fedavg([s1, s2], [100, 300])
+    assert out["w"].tolist() == pytest.approx([(1 * 100 + 4 * 300) / 400, (2 * 100 - 1 * 300) / 400])
+
+
+def test_lr_schedule_has_no_off_by_one(tiny_data_config):
+    cfg = _cfg(tiny_data_config, rounds=4, lr=1.0)
+    assert [cfg.lr_at(r) for r in (1, 2, 3, 4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_client_sampling_is_shared_by_methods(tiny_data_config):
+    a = fl.sample_clients(_cfg(tiny_data_config, method="fedpft"))
+    b = fl.sample_clients(_cfg(tiny_data_config, method="fedot"))
+    assert a == b and all(len(r) == 2 and len(set(r)) == 2 for r in a)
+
+
+# ----------------------------------------------------------------------------- invariants of methods
+
+def test_fedpft_n_with_keep_one_reproduces_fedpetuning(tiny_ws, tiny_data_config):
+    a = fl.run(_cfg(tiny_data_config, method="fedpetuning", rounds=2), tiny_ws, progress=False)
+    b = fl.run(_cfg(tiny_data_config, method="fedpft-n", rounds=2, keep_ratio=1.0), tiny_ws, progress=False)
+    for ra, rb in zip(a["rounds"], b["rounds"]):
+        assert ra["accuracy"] == rb["accuracy"] and ra["sub_accuracy"] == rb["sub_accuracy"]
+        assert rb["grad_cosine"] == pytest.approx(1.0, abs=1e-6) and rb["grad_rel_l2"] == pytest.approx(0, abs=1e-5)
+    assert a["params"]["fm_transformer"] == b["params"]["sub_transformer"]
+
+
+def test_every_method_runs_and_reports(tiny_ws, tiny_data_config):
+    for method in fl.METHODS:
+        m = fl.run(_cfg(tiny_data_config, method=method, rounds=2), tiny_ws, progress=False)
+        assert [r["round"] for r in m["rounds"]] == [0, 1, 2]
+        for r in m["rounds"]:
+            for key in ("accuracy", "sub_accuracy", "grad_cosine", "grad_rel_l2", "bytes_up", "bytes_down",
+                        "aligned", "seconds"):
+                assert key in r, (method, key)
+        aligned = [r["round"] for r in m["rounds"] if r["aligned"]]
+        assert aligned == ([1] if method in ("fedpft", "fedpft-d") else []), method  # never in the last round
+        if method in ("fedpft", "fedpft-d"):
+            r1 = m["rounds"][1]
+            assert "before_align" in r1 and r1["align_loss"]
+            # the W_fro package rides with round 2's broadcast
+            assert m["rounds"][2]["bytes_down"] > m["rounds"][1]["bytes_down"]
+        ratio = m["params"]["sub_transformer"] / m["params"]["fm_transformer"]
+        assert ratio == 1.0 if method == "fedpetuning" else ratio < 0.9
+
+
+def test_fedot_trains_only_adapter_layers(tiny_ws, tiny_data_config):
+    setup = fl.build_setup(_cfg(tiny_data_config, method="fedot"), tiny_ws, progress=False)
+    assert setup.proxy_layers[0] == 0 and setup.proxy_layers[-1] == 3 and len(setup.proxy_layers) < 4
+    layers = {adapters.layer_of(k) for k in setup.init_state} - {None}
+    assert layers == {0, 3}
+
+
+# ----------------------------------------------------------------------------- what leaves a client
+
+def test_client_message_holds_only_adapter_and_per_neuron_sums(tiny_ws, tiny_data_config):
+    cfg = _cfg(tiny_data_config, method="fedpft")
+    setup = fl.build_setup(cfg, tiny_ws, progress=False)
+    upd = fl.client_update(cfg, setup, tiny_ws, client=1, rnd=1, global_state=setup.init_state, record_stats=True)
+    assert set(upd.adapter) == set(setup.init_state)
+    assert all(upd.adapter[k].shape == v.shape for k, v in setup.init_state.items())
+    assert upd.num_examples == len(tiny_ws.parts[1])
+    assert set(upd.stats) == set(setup.compressed) and setup.compressed
+    for layer, s in upd.stats.items():
+        assert set(s) == {"abs_sum", "zeros", "tokens"}
+        assert s["tokens"].dim() == 0 and s["abs_sum"].dim() == 1 and s["abs_sum"].shape == s["zeros"].shape
+    allowed = {f.name for f in dataclasses.fields(fl.ClientUpdate)}
+    assert allowed == {"client", "adapter", "num_examples", "stats", "seconds"}, "new fields need a privacy review"
+
+
+def test_client_update_does_not_depend_on_previous_clients(tiny_ws, tiny_data_config):
+    cfg = _cfg(tiny_data_config, method="fedpft-n")
+    setup = fl.build_setup(cfg, tiny_ws, progress=False)
+    alone = fl.client_update(cfg, setup, tiny_ws, 2, 1, setup.init_state, False).adapter
+    fl.client_update(cfg, setup, tiny_ws, 0, 1, setup.init_state, False)  # another client trains first
+    after = fl.client_update(cfg, setup, tiny_ws, 2, 1, setup.init_state, False).adapter
+    assert all(torch.equal(alone[k], after[k]) for k in alone)
+
+
+# ----------------------------------------------------------------------------- persistence
+
+def test_resume_ends_where_an_uninterrupted_run_does(tiny_ws, tiny_data_config, tmp_path):
+    cfg = _cfg(tiny_data_config, method="fedpft", rounds=3)
+    full = fl.run(cfg, tiny_ws, out_dir=tmp_path / "full", progress=False)
+    stop = threading.Event()
+    it = fl.iterate(cfg, tiny_ws, out_dir=tmp_path / "cut", progress=False, stop=stop)
+    for metrics in it:
+        if metrics["rounds"][-1]["round"] == 1:  # interrupt after an alignment round
+            stop.set()
+    kept = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert [r["round"] for r in kept["rounds"]] == [0, 1]
+    resumed = fl.run(cfg, tiny_ws, out_dir=tmp_path / "cut", resume=True, progress=False)
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    assert strip(resumed["rounds"]) == strip(full["rounds"])
+    with pytest.raises(ConfigError, match="different configuration"):
+        fl.run(dataclasses.replace(cfg, lr=1e-2), tiny_ws, out_dir=tmp_path / "cut", resume=True, progress=False)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="fedprox"), "method must be one of"),
+    (dict(sample_fraction=0.0), r"sample_fraction must be in \(0, 1\]"),
+    (dict(keep_ratio=2.0), r"keep_ratio must be in \(0, 1\]"),
+    (dict(align_proportion=1.5), r"align_proportion must be in \(0, 1\]"),
+    (dict(rounds=0), r"rounds must be in \[1, inf\]"),
+    (dict(align_rule="zeros"), "align_rule must be one of"),
+])
+def test_bad_config(tiny_data_config, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tiny_data_config, **kw)
