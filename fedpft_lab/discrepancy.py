@@ -40,12 +40,18 @@ def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor], **kw):
     return model(**inputs, **kw)
 
 
-def adapter_gradients(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """d CE / d adapter for one labelled batch (the model's trainable parameters), eval mode."""
+def adapter_gradients(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                      keep_outputs: bool = False) -> tuple[dict[str, torch.Tensor], object]:
+    """d CE / d adapter for one labelled batch (the model's trainable parameters), eval mode.
+
+    With ``keep_outputs`` the same forward also returns the hidden states, so measuring the hidden-state
+    gap costs no second forward pass.
+    """
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    loss = F.cross_entropy(_forward(model, batch).logits, batch["labels"])
+    out = _forward(model, batch, output_hidden_states=keep_outputs)
+    loss = F.cross_entropy(out.logits, batch["labels"])
     grads = torch.autograd.grad(loss, params)
-    return {n: g.detach() for n, g in zip(names, grads)}
+    return {n: g.detach() for n, g in zip(names, grads)}, out
 
 
 def _cos_rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -89,8 +95,8 @@ def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapp
         kl_sum, kl_n = 0.0, 0
         hid_sum: dict[int, float] = defaultdict(float)
         for batch in batches:
-            g_fm = adapter_gradients(fm, batch)
-            g_px = adapter_gradients(proxy, batch)
+            g_fm, o_fm = adapter_gradients(fm, batch, keep_outputs=True)
+            g_px, o_px = adapter_gradients(proxy, batch, keep_outputs=True)
             if proxy_to_fm:
                 g_px = {adapters.remap_layers(k, proxy_to_fm): v for k, v in g_px.items()}
             keys = sorted(set(g_fm) & set(g_px))
@@ -100,8 +106,6 @@ def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapp
                 mean_fm[k] = mean_fm.get(k, 0) + g_fm[k].double() / len(batches)
                 mean_px[k] = mean_px.get(k, 0) + g_px[k].double() / len(batches)
             with torch.no_grad():
-                o_fm = _forward(fm, batch, output_hidden_states=True)
-                o_px = _forward(proxy, batch, output_hidden_states=True)
                 logp_fm = F.log_softmax(o_fm.logits.double(), -1)
                 logp_px = F.log_softmax(o_px.logits.double(), -1)
                 kl_sum += float((logp_fm.exp() * (logp_fm - logp_px)).sum())
