@@ -47,11 +47,11 @@ class FedConfig:
 
     method: str = "fedpft"
     data: DataConfig = field(default_factory=DataConfig)
-    sample_fraction: float = 0.3
+    sample_fraction: float = 0.25
     rounds: int = 8
     local_epochs: int = 1
-    batch_size: int = 16
-    lr: float = 1e-3
+    batch_size: int = 8
+    lr: float = 2e-3
     lr_schedule: str = "linear"
     max_grad_norm: float = 1.0
     lora_rank: int = 8

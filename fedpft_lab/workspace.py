@@ -26,12 +26,12 @@ class DataConfig:
 
     fm: str = models.DEFAULT_FM
     task: str = "tweets"
-    clients: int = 10
+    clients: int = 20
     partition: str = "dirichlet"
-    alpha: float = 1.0
+    alpha: float = 5.0               # FLGo convention: each client ~ Dir(5 * global label mix), the paper's Dir-5.0
     convention: str = "flgo"
-    max_train: int | None = 3000
-    max_test: int | None = 500
+    max_train: int | None = 2000     # 100 examples per client: a workshop-size federation
+    max_test: int | None = 400
     public_blocks: int = 1024
     block_size: int = 128
     probe_batches: int = 2
