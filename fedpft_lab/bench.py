@@ -1,0 +1,504 @@
+"""``fedpft-lab bench``: how fast is the lab on this machine, and is the sub-FM really cheaper to train?
+
+FedPFT's promise is that clients fine-tune a *smaller* proxy. Whether that shows up as wall-clock time
+depends on where a training step spends its time: matmuls shrink with the FFN, but dropout, attention,
+LoRA side paths and Python overhead do not. So the bench measures, in one process:
+
+1. the machine: cores, threads and the dense fp32 matmul rate (the "peak" a step could reach);
+2. client training throughput of the FM and of sub-FMs (keep 1.0 / 0.5 / 0.25) by timing
+   :func:`federation.local_train` itself on a fixed shard of real tweets, with the FLOPs of the very
+   same batches counted by ``FlopCounterMode``, hence achieved FLOP/s and the fraction of peak;
+3. sub-FM / FM step time next to the FLOP and transformer-parameter ratios;
+4. layer-level distillation steps/s;
+5. the wall time of federated rounds (evaluation-only round 0, training rounds 1-2), setup fresh and cached;
+6. peak memory; 7. the wall time of every lab notebook (SMOKE and default) with papermill.
+
+Every figure depends on what else the machine is doing; the load average is recorded next to them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import flop_counter
+
+from . import adapters, data, federation, models, subfm
+from .discrepancy import gradient_discrepancy
+from .distill import DistillConfig, distill
+from .workspace import DataConfig, Workspace, prepare
+
+LABS_DIR = Path(__file__).resolve().parent.parent / "labs"
+KEEP_RATIOS = (1.0, 0.5, 0.25)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of every measurement. ``quick`` shrinks them so the bench itself is a smoke test."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    fed: federation.FedConfig | None = None   # None: the workshop default on ``data``
+    keep_ratios: tuple[float, ...] = KEEP_RATIOS
+    shard_size: int = 160        # examples per timed local_train call (batch size: the FedConfig's)
+    repeats: int = 3             # timed local_train calls per model; the fastest is reported
+    matmul_seconds: float = 0.5  # per matmul repetition
+    matmul_repeats: int = 5
+    distill_steps: int = 30
+    rounds: int = 2              # training rounds timed after the evaluation-only round 0
+
+    def fed_config(self) -> federation.FedConfig:
+        return self.fed if self.fed is not None else federation.FedConfig(data=self.data)
+
+
+def bench_config(fm: str = models.DEFAULT_FM, quick: bool = False) -> BenchConfig:
+    """The full bench on the workshop default, or a quick one (smaller shards, data and budgets)."""
+    if fm in models.TINY_FMS:  # tests: a tiny model on a handful of tweets
+        d = DataConfig(fm=fm, clients=4, max_train=160, max_test=64, public_blocks=64, block_size=32,
+                       probe_batches=2, probe_batch_size=8)
+        fed = federation.FedConfig(data=d, rounds=2, distill_steps=2, align_steps=1, align_batch_size=4)
+        return BenchConfig(data=d, fed=fed, shard_size=32, repeats=1, matmul_seconds=0.02, matmul_repeats=1,
+                           distill_steps=2)
+    if not quick:
+        return BenchConfig(data=DataConfig(fm=fm))
+    d = DataConfig(fm=fm, max_train=400, max_test=64, public_blocks=128)
+    fed = federation.FedConfig(data=d, distill_steps=5, align_steps=2)
+    return BenchConfig(data=d, fed=fed, shard_size=32, repeats=1, matmul_seconds=0.2, matmul_repeats=2,
+                       distill_steps=5)
+
+
+# --------------------------------------------------------------------------- 1. machine
+
+def matmul_rate(m: int, k: int, n: int, seconds: float, repeats: int) -> float:
+    """Best sustained fp32 FLOP/s of ``[m, k] @ [k, n]`` over ``repeats`` windows of about ``seconds``."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    flops = 2.0 * m * k * n
+    for _ in range(3):  # warm-up: thread pool start, MKL/oneDNN kernel selection
+        a @ b
+    best = 0.0
+    for _ in range(repeats):
+        count, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds or count == 0:
+            a @ b
+            count += 1
+        best = max(best, flops * count / elapsed)
+    return best
+
+
+def machine_info(cfg: BenchConfig) -> dict:
+    """Cores, threads, versions, load, and the matmul rates that the step FLOP/s are compared with."""
+    import psutil
+
+    s, r = cfg.matmul_seconds, cfg.matmul_repeats
+    large = matmul_rate(1024, 1024, 1024, s, r)
+    workload = matmul_rate(16 * 32, 384, 1536, s, r)  # a batch of tweets through MiniLM's FFN up-projection
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy machine shows up as 1 thread beating all of them
+    try:
+        single = matmul_rate(1024, 1024, 1024, s, r)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        "omp_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")},
+        "torch_version": torch.__version__,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "loadavg_start": list(os.getloadavg()),
+        "matmul_flops": {"1024x1024@1024x1024": large, "512x384@384x1536": workload,
+                         "1024x1024@1024x1024 (1 thread)": single},
+        "peak_flops": large,
+    }
+
+
+# --------------------------------------------------------------------------- 2-3. client training
+
+def _sdpa_cpu_flops(query, key, value, *args, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the fused CPU one that sdpa uses without
+# dropout (eval mode); without these two entries attention would silently count as zero FLOPs.
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+
+
+def train_step_flops(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """FLOPs of one ``local_train`` step on ``batch``: forward + backward (AdamW's elementwise work is
+    negligible next to them). Gradients are discarded, parameters are left untouched."""
+    was_training = model.training
+    model.train()
+    try:
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            F.cross_entropy(model(**inputs).logits, batch["labels"]).backward()
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def step_clock(model: nn.Module) -> Iterator[list[float]]:
+    """Timestamps of every forward call of ``model``: consecutive differences are step times of a loop
+    that calls the model once per step (``local_train``), batching and optimiser included."""
+    stamps: list[float] = []
+    handle = model.register_forward_pre_hook(lambda *_: stamps.append(time.perf_counter()))
+    try:
+        yield stamps
+    finally:
+        handle.remove()
+
+
+def shard_batches(split: data.EncodedSplit, batch_size: int, seed: int, pad_id: int) -> list[dict]:
+    """The batches ``local_train`` sees in its first epoch with this seed (same shuffle, same padding)."""
+    return list(data.iterate_batches(split, batch_size, shuffle=True, seed=seed, pad_id=pad_id))
+
+
+def padding_fraction(batches: list[dict]) -> float:
+    """Share of the computed token positions that are padding."""
+    real = sum(int(b["attention_mask"].sum()) for b in batches if "attention_mask" in b)
+    total = sum(b["attention_mask"].numel() for b in batches if "attention_mask" in b)
+    return 1.0 - real / total if total else 0.0
+
+
+def client_throughput(model: nn.Module, shard: data.EncodedSplit, pad_id: int, batch_size: int = 8,
+                      repeats: int = 3, peak_flops: float | None = None, seed: int = 0, lr: float = 2e-3) -> dict:
+    """Time ``federation.local_train`` on ``shard`` (one epoch, ``repeats`` times, fastest kept) and
+    count the FLOPs of the same batches. ``model`` is trained in place: pass a copy."""
+    batches = shard_batches(shard, batch_size, seed, pad_id)
+    by_shape: dict[tuple, int] = {}  # FLOPs depend on batch shapes only: count each shape once
+    for b in batches:
+        shape = tuple(b["input_ids"].shape) if "input_ids" in b else tuple(b["pixel_values"].shape)
+        if shape not in by_shape:
+            by_shape[shape] = train_step_flops(model, b)
+    flops = sum(by_shape[tuple(b["input_ids"].shape) if "input_ids" in b else tuple(b["pixel_values"].shape)]
+                for b in batches)
+    warm = shard.subset(np.arange(min(len(shard), 2 * batch_size)))
+    federation.local_train(model, warm, 1, batch_size, lr, 1.0, seed, pad_id)  # allocator, kernels
+    best_total, best_steps = float("inf"), []
+    for _ in range(repeats):
+        with step_clock(model) as stamps:
+            federation.local_train(model, shard, 1, batch_size, lr, 1.0, seed, pad_id)
+            stamps.append(time.perf_counter())
+        total = stamps[-1] - stamps[0]
+        if total < best_total:
+            best_total, best_steps = total, np.diff(stamps).tolist()
+    out = {"examples": len(shard), "batch_size": batch_size, "steps": len(batches), "seconds": best_total,
+           "examples_per_s": len(shard) / best_total, "step_ms_mean": 1e3 * best_total / len(batches),
+           "step_ms_median": 1e3 * float(np.median(best_steps)), "step_ms_min": 1e3 * min(best_steps),
+           "flops_per_step": flops / len(batches), "flops_per_s": flops / best_total,
+           "padding_fraction": padding_fraction(batches),
+           "transformer_params": models.transformer_params(model)}
+    if peak_flops:
+        out["fraction_of_peak"] = out["flops_per_s"] / peak_flops
+    return out
+
+
+def lora_proxy(ws: Workspace, keep_ratio: float | None) -> nn.Module:
+    """FM (``keep_ratio=None``) or sub-FM with the lab's default LoRA, as a client trains it."""
+    base = ws.fm if keep_ratio is None else subfm.build_sub_fm(ws.fm, subfm.SubFMConfig(keep_ratio=keep_ratio))[0]
+    return adapters.add_lora(copy.deepcopy(base), adapters.LoRAConfig(), seed=0)
+
+
+def training_bench(ws: Workspace, cfg: BenchConfig, peak_flops: float | None) -> dict:
+    """Throughput of the FM and of every sub-FM in ``cfg.keep_ratios`` on the same shard of real tweets."""
+    shard = ws.train.subset(np.arange(min(cfg.shard_size, len(ws.train))))
+    fed = cfg.fed_config()
+    results = {}
+    for name, keep in [("fm", None)] + [(f"sub_{k:g}", k) for k in cfg.keep_ratios]:
+        model = lora_proxy(ws, keep)
+        results[name] = {"keep_ratio": keep, **client_throughput(model, shard, ws.pad_id, fed.batch_size,
+                                                                 cfg.repeats, peak_flops, lr=fed.lr)}
+        del model
+    return results
+
+
+def sub_vs_fm(training: dict, keep_ratio: float = 0.25) -> dict:
+    """Is the proxy as much cheaper in time as it is in FLOPs and parameters?"""
+    fm, sub = training["fm"], training[f"sub_{keep_ratio:g}"]
+    return {"keep_ratio": keep_ratio,
+            "step_time_ratio": sub["step_ms_mean"] / fm["step_ms_mean"],
+            "flops_ratio": sub["flops_per_step"] / fm["flops_per_step"],
+            "transformer_params_ratio": sub["transformer_params"] / fm["transformer_params"]}
+
+
+# --------------------------------------------------------------------------- 4. distillation
+
+def distill_bench(ws: Workspace, steps: int, keep_ratio: float = 0.25) -> dict:
+    """Layer-level distillation speed between the FM and a fresh sub-FM on the public corpus."""
+    sub, info = subfm.build_sub_fm(ws.fm, subfm.SubFMConfig(keep_ratio=keep_ratio))
+    distill(ws.fm, sub, ws.public, info.compressed, DistillConfig(steps=1), progress=False)  # warm-up
+    result = distill(ws.fm, sub, ws.public, info.compressed, DistillConfig(steps=steps), progress=False)
+    return {"steps": steps, "seconds": result.seconds, "steps_per_s": steps / result.seconds,
+            "batch_size": DistillConfig().batch_size, "block_size": int(ws.public.shape[-1])}
+
+
+# --------------------------------------------------------------------------- 5. federated rounds
+
+@contextlib.contextmanager
+def fresh_cache() -> Iterator[Path]:
+    """Point the package's cache at an empty folder, so the distilled sub-FM is built (not loaded)."""
+    old = os.environ.get("FEDPFT_LAB_CACHE")
+    with tempfile.TemporaryDirectory(prefix="fedpft-bench-") as tmp:
+        os.environ["FEDPFT_LAB_CACHE"] = tmp
+        try:
+            yield Path(tmp)
+        finally:
+            if old is None:
+                os.environ.pop("FEDPFT_LAB_CACHE", None)
+            else:
+                os.environ["FEDPFT_LAB_CACHE"] = old
+
+
+def round_record(r: dict) -> dict:
+    """The time split of one round record; "other" is aggregation plus the re-evaluation after alignment."""
+    keys = ("seconds", "client_seconds", "eval_seconds")
+    out = {"round": r["round"], **{k: r.get(k, 0.0) for k in keys}, "align_seconds": r.get("align_seconds", 0.0),
+           "aligned": r.get("aligned", False), "clients": len(r.get("clients", []))}
+    out["other_seconds"] = out["seconds"] - out["client_seconds"] - out["eval_seconds"] - out["align_seconds"]
+    out["eval_share"] = out["eval_seconds"] / out["seconds"] if out["seconds"] else 0.0
+    return out
+
+
+def eval_breakdown(setup: federation.Setup, ws: Workspace) -> dict:
+    """What a round's evaluation consists of: test accuracy of FM and proxy, and the gradient discrepancy."""
+    times = {}
+    t = time.perf_counter()
+    federation.accuracy(setup.fm, ws.test_batches)
+    times["fm_accuracy_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    federation.accuracy(setup.server_proxy, ws.test_batches)
+    times["proxy_accuracy_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gradient_discrepancy(setup.fm, setup.server_proxy, ws.probe_batches, state=setup.init_state,
+                         proxy_layers=setup.proxy_layers)
+    times["discrepancy_seconds"] = time.perf_counter() - t
+    return times
+
+
+def round_bench(ws: Workspace, cfg: federation.FedConfig, rounds: int = 2) -> dict:
+    """Time setup (fresh distillation, then cached), round 0 (evaluation only) and ``rounds`` training rounds."""
+    rounds = min(rounds, cfg.rounds)
+    with fresh_cache():
+        t0 = time.perf_counter()
+        run = federation.iterate(cfg, ws, progress=False)
+        metrics = next(run)
+        first = time.perf_counter() - t0
+        for _ in range(rounds):
+            metrics = next(run)
+        run.close()
+        t = time.perf_counter()
+        setup = federation.build_setup(cfg, ws, progress=False)  # the distilled sub-FM is on disk now
+        cached = time.perf_counter() - t
+    records = [round_record(r) for r in metrics["rounds"]]
+    train = [r for r in records if r["round"] > 0]
+    return {"method": cfg.method, "distill_steps": cfg.distill_steps, "clients_per_round": cfg.clients_per_round(),
+            "setup_fresh_seconds": first - records[0]["seconds"], "setup_cached_seconds": cached,
+            "rounds": records, "train_round_seconds_mean": float(np.mean([r["seconds"] for r in train])),
+            "eval_share_mean": float(np.mean([r["eval_share"] for r in train])),
+            "eval_breakdown": eval_breakdown(setup, ws)}
+
+
+# --------------------------------------------------------------------------- 6. memory
+
+def memory_info() -> dict:
+    import psutil
+
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_rss_mb": peak_kb / 1024, "rss_now_mb": psutil.Process().memory_info().rss / 2**20}
+
+
+# --------------------------------------------------------------------------- 7. notebooks
+
+def lab_notebooks(labs: Path = LABS_DIR) -> list[Path]:
+    return sorted(labs.glob("[0-9][0-9]_*.ipynb"))
+
+
+@contextlib.contextmanager
+def python3_kernel() -> Iterator[None]:
+    """A ``python3`` kernelspec for *this* interpreter, first on JUPYTER_PATH, in a temporary folder."""
+    from ipykernel.kernelspec import install
+
+    old = os.environ.get("JUPYTER_PATH")
+    with tempfile.TemporaryDirectory(prefix="fedpft-kernel-") as tmp:
+        install(kernel_name="python3", prefix=tmp)
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(Path(tmp) / "share" / "jupyter"), old]))
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("JUPYTER_PATH", None)
+            else:
+                os.environ["JUPYTER_PATH"] = old
+
+
+def notebook_times(notebooks: list[Path], smoke_settings: tuple[bool, ...] = (True, False)) -> list[dict]:
+    """Wall time of each notebook under papermill, headless, for each SMOKE setting; failures are recorded."""
+    import papermill as pm
+
+    results = []
+    with python3_kernel():
+        for smoke in smoke_settings:
+            for path in notebooks:
+                with tempfile.TemporaryDirectory(prefix="fedpft-nb-") as tmp:
+                    params = {"SMOKE": smoke, "HEADLESS": True, "OUT_DIR": tmp}
+                    t = time.perf_counter()
+                    error = None
+                    try:
+                        pm.execute_notebook(str(path), str(Path(tmp) / path.name), parameters=params,
+                                            kernel_name="python3", cwd=str(path.parent), progress_bar=False)
+                    except Exception as e:  # a failing lab must not lose the other measurements
+                        error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                    seconds = time.perf_counter() - t
+                    metrics = Path(tmp) / "metrics.json"
+                    lab_seconds = json.loads(metrics.read_text()).get("seconds") if metrics.exists() else None
+                results.append({"notebook": path.name, "smoke": smoke, "seconds": seconds,
+                                "lab_seconds": lab_seconds, "ok": error is None, "error": error})
+    return results
+
+
+# --------------------------------------------------------------------------- the whole bench
+
+def git_commit() -> str | None:
+    """The checkout's commit, so two bench.json files can be matched to the code they measured."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=LABS_DIR.parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_bench(cfg: BenchConfig, notebooks: bool = True, log=print) -> dict:
+    """All measurements in one process, in the order of the module docstring."""
+    t0 = time.perf_counter()
+    result: dict = {"config": asdict(cfg), "git_commit": git_commit()}
+    log("machine: matmul rates ...")
+    result["machine"] = machine_info(cfg)
+    peak = result["machine"]["peak_flops"]
+    t = time.perf_counter()
+    ws = prepare(cfg.data)
+    result["prepare_seconds"] = time.perf_counter() - t
+    log("client training throughput ...")
+    result["training"] = training_bench(ws, cfg, peak)
+    if 0.25 in cfg.keep_ratios:
+        result["sub_vs_fm"] = sub_vs_fm(result["training"], 0.25)
+    log("layer-level distillation ...")
+    result["distill"] = distill_bench(ws, cfg.distill_steps)
+    log("federated rounds ...")
+    result["federated"] = round_bench(ws, cfg.fed_config(), cfg.rounds)
+    result["memory"] = memory_info()
+    if notebooks:
+        log(f"notebooks: {len(lab_notebooks())} labs ...")
+        result["notebooks"] = notebook_times(lab_notebooks())
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _g(x: float) -> str:
+    return f"{x / 1e9:.1f} G"
+
+
+def format_report(r: dict) -> str:
+    """The bench as a few readable tables."""
+    m = r["machine"]
+    lines = [f"machine: {m['logical_cores']} logical / {m['physical_cores']} physical cores, torch {m['torch_version']} "
+             f"({m['torch_threads']} threads, {m['torch_interop_threads']} interop), load average "
+             f"{m['loadavg_start'][0]:.1f} at start, {m.get('loadavg_end', [float('nan')])[0]:.1f} at end",
+             "  fp32 matmul: " + ", ".join(f"{k} {_g(v)}FLOP/s" for k, v in m["matmul_flops"].items())
+             + f"  (peak {_g(m['peak_flops'])}FLOP/s)",
+             "", f"client training (federation.local_train, {next(iter(r['training'].values()))['examples']} real "
+                 f"tweets, batch {next(iter(r['training'].values()))['batch_size']}, LoRA r=8 + head):",
+             "  model      ex/s   step ms (mean/median)   GFLOP/step   GFLOP/s   of peak   padding   transformer params"]
+    for name, t in r["training"].items():
+        lines.append(f"  {name:<8} {t['examples_per_s']:6.1f}   {t['step_ms_mean']:7.1f} / {t['step_ms_median']:<7.1f}"
+                     f"       {t['flops_per_step'] / 1e9:7.2f}   {t['flops_per_s'] / 1e9:7.1f}   "
+                     f"{t.get('fraction_of_peak', float('nan')):6.1%}   {t['padding_fraction']:6.1%}   "
+                     f"{t['transformer_params']:,}")
+    if "sub_vs_fm" in r:
+        s = r["sub_vs_fm"]
+        lines.append(f"  sub-FM(keep {s['keep_ratio']}) / FM: step time {s['step_time_ratio']:.2f}x, "
+                     f"FLOPs {s['flops_ratio']:.2f}x, transformer params {s['transformer_params_ratio']:.2f}x")
+    d = r["distill"]
+    lines += ["", f"layer-level distillation: {d['steps_per_s']:.2f} steps/s "
+                  f"(batch {d['batch_size']} x {d['block_size']} tokens, {d['steps']} steps)"]
+    f = r["federated"]
+    lines += ["", f"federated rounds ({f['method']}, {f['clients_per_round']} clients/round): setup fresh "
+                  f"{f['setup_fresh_seconds']:.1f} s (distil {f['distill_steps']} steps), cached "
+                  f"{f['setup_cached_seconds']:.1f} s",
+              "  round   total s   clients s   eval s   align s   other s   eval share"]
+    for x in f["rounds"]:
+        lines.append(f"  {x['round']:>5}   {x['seconds']:7.1f}   {x['client_seconds']:9.1f}   {x['eval_seconds']:6.1f}"
+                     f"   {x['align_seconds']:7.1f}   {x['other_seconds']:7.1f}   {x['eval_share']:9.1%}")
+    e = f["eval_breakdown"]
+    lines.append(f"  evaluation = FM accuracy {e['fm_accuracy_seconds']:.2f} s + proxy accuracy "
+                 f"{e['proxy_accuracy_seconds']:.2f} s + gradient discrepancy {e['discrepancy_seconds']:.2f} s")
+    mem = r["memory"]
+    lines += ["", f"memory: peak RSS {mem['peak_rss_mb']:.0f} MB (now {mem['rss_now_mb']:.0f} MB)"]
+    if r.get("notebooks") is not None:
+        lines += ["", "notebooks (papermill, headless):"]
+        for n in r["notebooks"]:
+            status = "ok" if n["ok"] else f"FAILED {n['error']}"
+            lines.append(f"  {n['notebook']:<40} SMOKE={str(n['smoke']):<5}  {n['seconds']:7.1f} s  {status}")
+    lines.append(f"\nbench wall time {r['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    """Atomically, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Entry point of ``fedpft-lab bench`` (args: out, skip_notebooks, quick; optionally fm)."""
+    models.quiet_transformers()
+    cfg = bench_config(getattr(args, "fm", models.DEFAULT_FM), quick=args.quick)
+    result = run_bench(cfg, notebooks=not args.skip_notebooks)
+    path = Path(args.out) / "bench.json"
+    write_json(result, path)
+    print(format_report(result))
+    print(f"results: {path}")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fedpft_lab.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--skip-notebooks", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
+    p.add_argument("--fm", default=models.DEFAULT_FM, help="minilm (default) or tiny-bert for a seconds-long check")
+    return p
+
+
+if __name__ == "__main__":
+    from .paths import set_offline_env
+
+    set_offline_env()
+    main(build_parser().parse_args())
+    sys.exit(0)

@@ -1,0 +1,135 @@
+"""The bench on a tiny model: every measurement is present and sane. No timing thresholds: speed is the
+machine's business, the bench's job is to measure it correctly (same FLOPs for the same batch, a smaller
+proxy counted as cheaper, the report and bench.json complete)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import nbformat
+import numpy as np
+import pytest
+
+from fedpft_lab import bench
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A tiny model gains nothing from threads, and one thread keeps it fast when other jobs share the CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return bench.bench_config("tiny-bert")
+
+
+@pytest.fixture(scope="module")
+def tiny_bench_ws(cfg):
+    from fedpft_lab.workspace import prepare
+
+    return prepare(cfg.data)
+
+
+def test_matmul_rate_and_machine_info(cfg):
+    assert bench.matmul_rate(64, 32, 16, seconds=0.01, repeats=1) > 0
+    info = bench.machine_info(cfg)
+    assert info["logical_cores"] >= 1 and info["torch_threads"] >= 1
+    assert info["peak_flops"] == info["matmul_flops"]["1024x1024@1024x1024"] > 0
+    assert all(v > 0 for v in info["matmul_flops"].values())
+
+
+def test_step_flops_are_deterministic_and_smaller_for_the_sub_fm(tiny_bench_ws):
+    ws = tiny_bench_ws
+    batch = bench.shard_batches(ws.train.subset(np.arange(16)), 8, seed=0, pad_id=ws.pad_id)[0]
+    fm, sub = bench.lora_proxy(ws, None), bench.lora_proxy(ws, 0.25)
+    first = bench.train_step_flops(fm, batch)
+    assert first > 0 and bench.train_step_flops(fm, batch) == first
+    assert all(p.grad is None for p in fm.parameters()), "counting must not leave gradients behind"
+    assert bench.train_step_flops(sub, batch) < first
+
+
+def test_attention_flops_are_counted_in_eval_mode_too(tiny_bench_ws):
+    """Without dropout sdpa takes the fused CPU kernel, which FlopCounterMode does not know by itself."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ws = tiny_bench_ws
+    batch = bench.shard_batches(ws.train.subset(np.arange(8)), 8, seed=0, pad_id=ws.pad_id)[0]
+    model = bench.lora_proxy(ws, None).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=bench._CPU_ATTENTION_FLOPS) as with_attn:
+        model(**inputs)
+    with torch.no_grad(), FlopCounterMode(display=False) as without:
+        model(**inputs)
+    assert with_attn.get_total_flops() > without.get_total_flops()
+
+
+def test_client_throughput_times_local_train(tiny_bench_ws):
+    ws = tiny_bench_ws
+    shard = ws.train.subset(np.arange(20))
+    r = bench.client_throughput(bench.lora_proxy(ws, 0.5), shard, ws.pad_id, batch_size=8, repeats=1, peak_flops=1e9)
+    assert r["steps"] == 3 and r["examples"] == 20
+    assert r["examples_per_s"] > 0 and r["step_ms_mean"] > 0 and r["step_ms_min"] <= r["step_ms_median"]
+    assert r["flops_per_step"] > 0 and r["fraction_of_peak"] > 0
+    assert 0 <= r["padding_fraction"] < 1
+
+
+def test_whole_bench_keys_report_and_json(tmp_path, monkeypatch, cfg):
+    result = bench.run_bench(cfg, notebooks=False, log=lambda *_: None)
+    assert set(result["training"]) == {"fm", "sub_1", "sub_0.5", "sub_0.25"}
+    assert all(t["examples_per_s"] > 0 for t in result["training"].values())
+    s = result["sub_vs_fm"]
+    assert s["flops_ratio"] < 1 and s["transformer_params_ratio"] < 1 and s["step_time_ratio"] > 0
+    assert result["distill"]["steps_per_s"] > 0
+    fed = result["federated"]
+    assert [r["round"] for r in fed["rounds"]] == [0, 1, 2]
+    assert fed["rounds"][0]["client_seconds"] == 0 and fed["rounds"][1]["client_seconds"] > 0
+    assert all(0 < r["eval_share"] <= 1 for r in fed["rounds"])
+    assert fed["setup_fresh_seconds"] > 0 and fed["setup_cached_seconds"] > 0
+    assert result["memory"]["peak_rss_mb"] > 0
+    assert "sub-FM(keep 0.25) / FM" in bench.format_report(result)
+
+    monkeypatch.setattr(bench, "run_bench", lambda c, notebooks, log=print: result)
+    out = bench.main(argparse.Namespace(out=str(tmp_path), skip_notebooks=True, quick=True, fm="tiny-bert"))
+    assert json.loads((tmp_path / "bench.json").read_text())["training"].keys() == out["training"].keys()
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+def test_fresh_cache_is_restored(monkeypatch, tmp_path):
+    import os
+
+    monkeypatch.setenv("FEDPFT_LAB_CACHE", str(tmp_path))
+    with bench.fresh_cache() as tmp:
+        assert os.environ["FEDPFT_LAB_CACHE"] == str(tmp) != str(tmp_path)
+    assert os.environ["FEDPFT_LAB_CACHE"] == str(tmp_path)
+
+
+def test_round_record_splits_time():
+    r = bench.round_record({"round": 2, "clients": [1, 3], "seconds": 10.0, "client_seconds": 6.0,
+                            "eval_seconds": 2.0, "align_seconds": 1.0, "aligned": True})
+    assert r["other_seconds"] == pytest.approx(1.0) and r["eval_share"] == pytest.approx(0.2) and r["clients"] == 2
+
+
+@pytest.mark.notebooks
+def test_notebook_times_runs_papermill(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('SMOKE = False\nHEADLESS = False\nOUT_DIR = "."')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "import json, os\njson.dump({'seconds': 0.5, 'smoke': SMOKE}, open(os.path.join(OUT_DIR, 'metrics.json'), 'w'))")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    good = tmp_path / "01_good.ipynb"
+    nbformat.write(nb, good)
+    nb.cells.append(nbformat.v4.new_code_cell("raise RuntimeError('broken lab')"))
+    bad = tmp_path / "02_bad.ipynb"
+    nbformat.write(nb, bad)
+    assert bench.lab_notebooks(tmp_path) == [good, bad]
+    results = bench.notebook_times([good, bad], smoke_settings=(True,))
+    assert [(r["notebook"], r["ok"]) for r in results] == [("01_good.ipynb", True), ("02_bad.ipynb", False)]
+    assert results[0]["lab_seconds"] == 0.5 and results[0]["seconds"] > 0 and "broken lab" in results[1]["error"]
