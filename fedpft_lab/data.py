@@ -292,6 +292,44 @@ def public_corpus_blocks(tokenizer: Any, block_size: int = 128, max_blocks: int 
     return blocks
 
 
+def public_corpus_sentences(tokenizer: Any, length: int = 32, max_blocks: int | None = 4096,
+                            seed: int = 0) -> torch.LongTensor:
+    """The public corpus as single sentences, each ``[CLS] sentence [SEP]`` of exactly ``length`` tokens.
+
+    Downstream inputs are short single sentences whose [CLS] vector feeds the task head. BERT-style
+    blocks (several texts glued together) put a [CLS] at position 0 only once per block, so distilling
+    on them barely constrains the position the head reads. Sentence rows match the task's shape; long
+    sentences are truncated (their [SEP] kept) and shorter ones skipped, so there is still no padding.
+    """
+    check_range("length", length, 4, getattr(tokenizer, "model_max_length", 512))
+    if max_blocks is not None:
+        check_range("max_blocks", max_blocks, 1, None)
+    key = config_key({"kind": "public-sentences", "tokenizer": _tokenizer_id(tokenizer), "length": length,
+                      "max_blocks": max_blocks, "seed": seed, "version": CACHE_VERSION})
+    path = cache_dir() / f"sentences-{key}.pt"
+    cached = _try_load(path)
+    if isinstance(cached, torch.Tensor):
+        return cached
+    import re
+
+    sentences = [s for text in public_corpus_texts(seed=seed) for s in re.split(r"(?<=[.!?])\s+", text)]
+    rows: list[list[int]] = []
+    for start in range(0, len(sentences), 512):
+        if max_blocks is not None and len(rows) >= max_blocks:
+            break
+        batch = tokenizer(sentences[start:start + 512], add_special_tokens=True, verbose=False,
+                          return_attention_mask=False, return_token_type_ids=False)
+        for ids in batch["input_ids"]:
+            if len(ids) >= length:
+                rows.append(ids[: length - 1] + ids[-1:])
+    rows = rows[:max_blocks] if max_blocks is not None else rows
+    if not rows:
+        raise ConfigError(f"length must be in [4, a sentence length in the public corpus], got {length}")
+    out = torch.tensor(rows, dtype=torch.long)
+    _atomic_torch_save(out, path)
+    return out
+
+
 # ----------------------------------------------------------------------------- Hub tasks
 
 def _load_from_hub(task: str, path: str, config: str | None) -> datasets.DatasetDict:

@@ -60,13 +60,13 @@ class FedConfig:
     keep_ratio: float = 0.25
     retained_layers: tuple[int, ...] | None = None
     selection: str = "saliency"
-    distill_steps: int = 150
-    distill_batch_size: int = 16
+    distill_steps: int = 300
+    distill_batch_size: int = 32
     distill_lr: float = 6e-4
     align_interval: int = 2
     align_proportion: float = 0.5
     align_steps: int = 20
-    align_batch_size: int = 8
+    align_batch_size: int = 16
     align_lr: float = 6e-4
     align_rule: str = "mean-abs"
     seed: int = 0

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import data, models, paths, subfm
+from .errors import check_choice
 from .distill import DistillConfig, distill, layer_gaps
 from .partition import partition
 
@@ -32,8 +33,9 @@ class DataConfig:
     convention: str = "flgo"
     max_train: int | None = 2000     # 100 examples per client: a workshop-size federation
     max_test: int | None = 400
-    public_blocks: int = 1024
-    block_size: int = 128
+    public: str = "sentences"        # "sentences": one [CLS] sentence [SEP] per row; "blocks": BERT-style packed text
+    public_blocks: int = 4096
+    block_size: int = 32
     probe_batches: int = 2
     probe_batch_size: int = 16
     eval_batch_size: int = 128
@@ -90,6 +92,10 @@ def public_inputs(cfg: DataConfig, preprocessor, task: "data.TaskData") -> torch
     if task.modality == "image":
         train, _ = data.encode_task(task, preprocessor)
         return train.pixel_values[: cfg.public_blocks]
+    check_choice("public", cfg.public, ("sentences", "blocks"))
+    if cfg.public == "sentences":
+        return data.public_corpus_sentences(preprocessor, length=cfg.block_size, max_blocks=cfg.public_blocks,
+                                            seed=cfg.seed)
     return data.public_corpus_blocks(preprocessor, block_size=cfg.block_size, max_blocks=cfg.public_blocks,
                                      seed=cfg.seed)
 
@@ -145,7 +151,7 @@ def sub_fm(ws: Workspace, sub_cfg: subfm.SubFMConfig, distill_cfg: DistillConfig
     model = subfm.apply_plan(ws.fm, info)
     match = info.compressed
     key = paths.config_key({"fm": ws.cfg.fm, "num_labels": ws.task.num_labels, "sub": asdict(sub_cfg),
-                            "distill": asdict(distill_cfg), "public": [ws.cfg.public_blocks, ws.cfg.block_size,
+                            "distill": asdict(distill_cfg), "public": [ws.cfg.public, ws.cfg.public_blocks, ws.cfg.block_size,
                                                                        ws.cfg.seed, ws.task.modality]})
     path = paths.cache_dir() / f"subfm-{key}.pt"
     gap_inputs = ws.public[:64]

