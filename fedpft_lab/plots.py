@@ -240,3 +240,157 @@ def method_comparison(results: Mapping[str, Sequence[Mapping]], key: str = "accu
         fig.add_trace(go.Scatter(x=[r.get("round", i) for i, r in enumerate(rounds)],
                                  y=_column(rounds, key), mode="lines+markers", name=method))
     return _layout(fig, title or f"{label_for(key)} by method", "round", label_for(key))
+
+
+# ----------------------------------------------------------------------------- lab 02: building a sub-FM
+
+PROXY_COLOURS: Mapping[str, str] = {"FM": "#4c72b0", "layer-wise sub-FM": "#dd8452", "layer-drop proxy": "#55a868"}
+
+
+def param_bars(counts: Mapping[str, int], title: str = "Transformer parameters a client must hold") -> go.Figure:
+    """One bar per model in Mi (2^20, the paper's "M"), labelled with both Mi and M (10^6).
+
+    Two units on purpose: the paper's 81M/47M for BERT-base are Mi; in millions they would read 85M/50M.
+    """
+    if not counts:
+        raise ConfigError("counts must name at least one model")
+    names = list(counts)
+    values = [counts[n] / 2**20 for n in names]
+    text = [f"{counts[n] / 2**20:.2f} Mi<br>{counts[n] / 1e6:.2f} M" for n in names]
+    fig = go.Figure(go.Bar(x=names, y=values, text=text, textposition="auto",
+                           marker_color=[PROXY_COLOURS.get(n, "#8172b3") for n in names]))
+    return _layout(fig, title, "model", "parameters (Mi = 2^20)")
+
+
+def saliency_histograms(saliencies: Mapping[int, np.ndarray], kept: Mapping[int, np.ndarray], bins: int = 40,
+                        title: str = "FFN neuron saliency per layer (kept vs dropped)") -> go.Figure:
+    """One small histogram per layer: kept neurons in colour, dropped ones in grey, stacked.
+
+    Trace order is fixed (layer 0 kept, layer 0 dropped, layer 1 kept, ...), and every layer uses the same bin
+    edges for both traces, so a live panel can rewrite ``x`` of traces 2i and 2i+1 when the keep ratio changes.
+    """
+    from plotly.subplots import make_subplots
+
+    layers_ = sorted(saliencies)
+    if not layers_:
+        raise ConfigError("saliencies must hold at least one layer")
+    cols = min(3, len(layers_))
+    rows = -(-len(layers_) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {i}" for i in layers_],
+                        horizontal_spacing=0.06, vertical_spacing=0.12)
+    for n, i in enumerate(layers_):
+        s = np.asarray(saliencies[i], dtype=np.float64)
+        mask = np.asarray(kept[i], dtype=bool)
+        lo, hi = float(s.min()), float(s.max())
+        xbins = dict(start=lo, end=hi + 1e-9, size=max((hi - lo) / bins, 1e-9))
+        r, c = n // cols + 1, n % cols + 1
+        fig.add_trace(go.Histogram(x=s[mask], xbins=xbins, name="kept", marker_color="#dd8452",
+                                   legendgroup="kept", showlegend=n == 0), row=r, col=c)
+        fig.add_trace(go.Histogram(x=s[~mask], xbins=xbins, name="dropped", marker_color="#bbbbbb",
+                                   legendgroup="dropped", showlegend=n == 0), row=r, col=c)
+    fig.update_layout(barmode="stack", height=260 * rows)
+    return _layout(fig, title, "", "")
+
+
+def grouped_layer_bars(series: Mapping[str, Sequence[float | None]], title: str, ylabel: str,
+                       layers: Sequence[int] | None = None) -> go.Figure:
+    """Bars per layer, one colour per named series (e.g. layer-wise vs layer-drop, before vs after).
+
+    ``None`` values are left out, so a layer a proxy does not have shows no bar instead of a fake zero.
+    """
+    if not series:
+        raise ConfigError("series must name at least one curve")
+    width = max(len(v) for v in series.values())
+    xs = list(layers) if layers is not None else list(range(width))
+    fig = go.Figure([go.Bar(x=xs, y=list(values), name=name,
+                            marker_color=PROXY_COLOURS.get(name))
+                     for name, values in series.items()])
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, title, "layer", ylabel, barmode="group")
+
+
+# ----------------------------------------------------------------------------- lab 05: discrepancy over rounds
+
+def alignment_path(rounds: Sequence[Mapping], key: str = "grad_cosine") -> tuple[list, list]:
+    """x, y of a per-round metric with the alignment drawn as a vertical step.
+
+    At an aligned round the record holds the value *after* alignment and ``before_align`` the value before it,
+    so the path visits (r, before) then (r, after): the saw-tooth of the paper's Figure 1b.
+    """
+    xs: list = []
+    ys: list = []
+    for i, r in enumerate(rounds):
+        x = r.get("round", i)
+        before = (r.get("before_align") or {}).get(key) if r.get("aligned") else None
+        if before is not None:
+            xs.append(x)
+            ys.append(before)
+        xs.append(x)
+        ys.append(r.get(key))
+    return xs, ys
+
+
+def discrepancy_curves(results: Mapping[str, Sequence[Mapping]], key: str = "grad_cosine",
+                       title: str | None = None) -> go.Figure:
+    """Per-round ``key`` for several runs, alignment steps drawn vertically, before/after points marked."""
+    if not results:
+        raise ConfigError("results must map at least one run name to its round records")
+    fig = go.Figure()
+    for name, rounds in results.items():
+        xs, ys = alignment_path(rounds, key)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name))
+        events = [r for r in rounds if r.get("aligned") and key in (r.get("before_align") or {})]
+        if events:
+            fig.add_trace(go.Scatter(x=[r["round"] for r in events], y=[r["before_align"][key] for r in events],
+                                     mode="markers", name=f"{name}: before alignment",
+                                     marker=dict(symbol="circle-open", size=11, color="black")))
+            fig.add_trace(go.Scatter(x=[r["round"] for r in events], y=[r[key] for r in events],
+                                     mode="markers", name=f"{name}: after alignment",
+                                     marker=dict(symbol="diamond", size=10, color="black")))
+            for r in events:
+                fig.add_shape(**alignment_line(r["round"]))
+    return _layout(fig, title or f"{label_for(key)} over rounds", "round", label_for(key))
+
+
+def layer_heatmap(matrix: np.ndarray, rounds: Sequence[int], title: str, zlabel: str = "cosine",
+                  zmin: float | None = None, zmax: float | None = None, aligned: Sequence[int] = ()) -> go.Figure:
+    """rounds x layers heatmap (x = round, y = layer) with dotted lines at alignment rounds."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != len(rounds):
+        raise ConfigError(f"matrix must be (rounds x layers) with {len(rounds)} rows, got shape {matrix.shape}")
+    z = [[None if np.isnan(v) else float(v) for v in row] for row in matrix.T]
+    fig = go.Figure(go.Heatmap(z=z, x=list(rounds), y=list(range(matrix.shape[1])), zmin=zmin, zmax=zmax,
+                               colorscale="RdBu", colorbar=dict(title=zlabel),
+                               hovertemplate="round %{x}, layer %{y}: %{z:.3f}<extra></extra>"))
+    for x in aligned:
+        fig.add_shape(**alignment_line(x))
+    fig.update_yaxes(dtick=1)
+    return _layout(fig, title, "round", "layer")
+
+
+def empty_method_curves(names: Sequence[str], key: str = "accuracy", title: str | None = None) -> go.Figure:
+    """One empty line per run name, for ``widgets.method_curve_updater`` (trace order = ``names``)."""
+    if not names:
+        raise ConfigError("names must list at least one run")
+    fig = go.Figure([go.Scatter(x=[], y=[], mode="lines+markers", name=n) for n in names])
+    return _layout(fig, title or f"{label_for(key)} by method", "round", label_for(key))
+
+
+# ----------------------------------------------------------------------------- lab 06: cost per method
+
+def metric_bars(values: Mapping[str, Mapping[str, float]], title: str = "Cost per method") -> go.Figure:
+    """One panel per metric (columns), one bar per method in each: ``values[method][metric]``."""
+    from plotly.subplots import make_subplots
+
+    if not values:
+        raise ConfigError("values must hold at least one method")
+    methods = list(values)
+    metrics = list(next(iter(values.values())))
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics, horizontal_spacing=0.08)
+    for c, metric in enumerate(metrics, start=1):
+        ys = [values[m].get(metric) for m in methods]
+        fig.add_trace(go.Bar(x=methods, y=ys, name=metric, showlegend=False,
+                             text=[f"{y:.3g}" if y is not None else "" for y in ys], textposition="auto"),
+                      row=1, col=c)
+    fig.update_layout(height=380)
+    return _layout(fig, title, "", "")

@@ -273,3 +273,364 @@ def convex_explorer(problem: convex.LeastSquares | None = None, num_steps: int =
     for control in controls.values():
         control.observe(redraw, names="value")
     return Panel(controls, {"gaps": fig}, readout, title="Biased gradient descent explorer")
+
+
+# ----------------------------------------------------------------------------- composable RunPanel updaters
+
+def combine_updaters(*updaters: Callable[[Event, list[go.FigureWidget]], None],
+                     ) -> Callable[[Event, list[go.FigureWidget]], None]:
+    """One ``on_event`` that hands every event to each updater in turn (e.g. curves in figs[0], cost in figs[1])."""
+    def update(event: Event, figs: list[go.FigureWidget]) -> None:
+        for updater in updaters:
+            updater(event, figs)
+
+    return update
+
+
+def step_curve_updater(key: str = "loss", step_key: str = "step", fig_index: int = 0, trace_index: int = 0,
+                       ) -> Callable[[Event, list[go.FigureWidget]], None]:
+    """Append ``(event[step_key], event[key])`` to one trace, for events that carry both (a live loss curve)."""
+    def update(event: Event, figs: list[go.FigureWidget]) -> None:
+        if step_key in event and event.get(key) is not None:
+            extend_trace(figs[fig_index].data[trace_index], [event[step_key]], [event[key]])
+
+    return update
+
+
+def cumulative_cost_updater(fig_index: int = 1) -> Callable[[Event, list[go.FigureWidget]], None]:
+    """Draw cumulative MB uploaded (trace 0) and downloaded (trace 1) from round records into figs[fig_index]."""
+    def update(event: Event, figs: list[go.FigureWidget]) -> None:
+        if "round" not in event:
+            return
+        fig = figs[fig_index]
+        for trace, key in zip(fig.data, ("bytes_up", "bytes_down")):
+            total = (trace.y[-1] if trace.y else 0.0) + event.get(key, 0) / 1e6
+            extend_trace(trace, [event["round"]], [total])
+
+    return update
+
+
+def method_curve_updater(names: Sequence[str], key: str = "accuracy", fig_index: int = 0,
+                         ) -> Callable[[Event, list[go.FigureWidget]], None]:
+    """For several runs streamed one after another: an event ``{"method": name, "round": r, key: v}`` extends
+    the trace of ``name`` (trace order = ``names``); ``before_align`` values draw the alignment step first."""
+    names = list(names)
+
+    def update(event: Event, figs: list[go.FigureWidget]) -> None:
+        if "round" not in event or event.get("method") not in names or event.get(key) is None:
+            return
+        fig = figs[fig_index]
+        trace = fig.data[names.index(event["method"])]
+        before = (event.get("before_align") or {}).get(key) if event.get("aligned") else None
+        if before is not None:
+            extend_trace(trace, [event["round"], event["round"]], [before, event[key]])
+            fig.add_shape(**plots.alignment_line(event["round"]))
+        else:
+            extend_trace(trace, [event["round"]], [event[key]])
+
+    return update
+
+
+# ----------------------------------------------------------------------------- lab 02: sub-FM explorer
+
+def subfm_explorer(fm, saliencies: Mapping[int, np.ndarray], keep_ratio: float = 0.25,
+                   retained: Sequence[int] = (), bins: int = 40) -> Panel:
+    """Keep-ratio slider and retained-layer picker; parameter counts and saliency histograms redraw instantly.
+
+    Everything here is arithmetic on the FM's shapes and on saliencies computed once, so no model is built;
+    the expensive rebuild + gradient discrepancy lives behind a RunPanel button in the lab.
+    """
+    from . import lab_helpers
+
+    n = len(saliencies)
+    controls = {
+        "keep_ratio": w.FloatSlider(value=keep_ratio, min=0.05, max=1.0, step=0.05, description="keep ratio",
+                                    continuous_update=False, readout_format=".2f"),
+        "retained": w.SelectMultiple(options=[(f"layer {i}", i) for i in range(n)], value=tuple(retained),
+                                     rows=min(n, 6), description="retained"),
+    }
+    readout = w.HTML()
+
+    def current() -> tuple[dict, dict[int, np.ndarray]]:
+        ratio, keep = controls["keep_ratio"].value, tuple(controls["retained"].value)
+        counts = lab_helpers.proxy_param_counts(fm, ratio, keep)
+        return counts, lab_helpers.kept_masks(saliencies, ratio, counts["retained"])
+
+    def summary(counts: dict, masks: dict[int, np.ndarray]) -> str:
+        shares = [lab_helpers.kept_saliency_share(saliencies[i], masks[i]) for i in counts["compressed"]]
+        share = f"{np.mean(shares):.0%}" if shares else "100%"
+        return (f"sub-FM keeps {counts['sub_fm'] / counts['fm']:.0%} of the FM's transformer parameters; "
+                f"the layer-drop proxy of the same budget keeps layers {counts['layer_drop_layers']} "
+                f"({counts['layer_drop'] / counts['fm']:.0%}). Kept neurons hold <b>{share}</b> of the "
+                f"compressed layers' squared saliency.")
+
+    def names_counts(counts: dict) -> dict[str, int]:
+        return {"FM": counts["fm"], "layer-wise sub-FM": counts["sub_fm"], "layer-drop proxy": counts["layer_drop"]}
+
+    counts, masks = current()
+    bars = go.FigureWidget(plots.param_bars(names_counts(counts)))
+    hists = go.FigureWidget(plots.saliency_histograms(saliencies, masks, bins=bins))
+    readout.value = summary(counts, masks)
+
+    def redraw(_change: object = None) -> None:
+        try:
+            counts, masks = current()
+        except ConfigError as exc:
+            readout.value = _error_html(exc)
+            return
+        fresh = plots.param_bars(names_counts(counts)).data[0]
+        with _batch([bars, hists]):
+            bars.data[0].update(y=fresh.y, text=fresh.text)
+            for k, i in enumerate(sorted(saliencies)):
+                s = np.asarray(saliencies[i])
+                hists.data[2 * k].x = s[masks[i]]
+                hists.data[2 * k + 1].x = s[~masks[i]]
+        readout.value = summary(counts, masks)
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    return Panel(controls, {"params": bars, "saliency": hists}, readout, title="Sub-FM explorer")
+
+
+# ----------------------------------------------------------------------------- lab panels (RunPanel presets)
+
+def reset_figures(figs: Sequence[go.FigureWidget]) -> None:
+    """Empty every trace and remove layout shapes (alignment lines): the ``on_start`` of the lab panels."""
+    for fig in figs:
+        for trace in fig.data:
+            trace.x, trace.y = [], []
+        fig.layout.shapes = ()
+
+
+def _progress_status(record: Mapping, rounds: int, prefix: str = "") -> str:
+    acc = record.get("accuracy")
+    sub = record.get("sub_accuracy")
+    parts = [f"{prefix}round {record['round']}/{rounds}"]
+    if acc is not None:
+        parts.append(f"FM accuracy {acc:.3f}")
+    if sub is not None:
+        parts.append(f"proxy accuracy {sub:.3f}")
+    return ", ".join(parts)
+
+
+def construction_panel(fm, batches: Sequence[Mapping], explorer: Panel, lora=None, seed: int = 0) -> RunPanel:
+    """Lab 02: rebuild both proxies for the explorer's keep ratio and retained layers, then measure each
+    against the FM (per-layer gradient cosine and hidden-state gap). Seconds of work, so behind a button."""
+    from . import lab_helpers, models
+
+    n = models.num_layers(fm)
+    names = ["layer-wise sub-FM", "layer-drop proxy"]
+    empty = {name: [None] * n for name in names}
+    cos_fig = plots.grouped_layer_bars(empty, "Adapter-gradient cosine with the FM, per layer", "cosine")
+    gap_fig = plots.grouped_layer_bars(empty, "Hidden-state gap to the FM (relative MSE), per layer",
+                                       "relative MSE")
+
+    def work(stop, emit):
+        retained = tuple(explorer.controls["retained"].value)
+        report = lab_helpers.compare_constructions(
+            fm, batches, explorer.controls["keep_ratio"].value, retained, lora=lora, seed=seed,
+            on_progress=lambda text, frac: emit({"status": text, "progress": frac}))
+        emit({"report": report})
+        return report
+
+    def on_event(event, figs):
+        report = event.get("report")
+        if report is None:
+            return
+        for fig, key in zip(figs, ("layer_cosine", "hidden_rel_mse")):
+            for trace, values in zip(fig.data, lab_helpers.construction_series(report, key, n).values()):
+                trace.y = values
+        lw, ld = report["layer-wise"], report["layer-drop"]
+        figs[0].layout.title.text = (f"Gradient cosine with the FM: layer-wise {lw['grad_cosine']:.3f}, "
+                                     f"layer-drop {ld['grad_cosine']:.3f} (keep ratio {report['keep_ratio']:.2f})")
+
+    def on_start(figs):
+        for fig in figs:
+            for trace in fig.data:
+                trace.y = [None] * n
+
+    return RunPanel(work, on_event, [cos_fig, gap_fig], on_start=on_start,
+                    title="Rebuild both proxies and measure them against the FM")
+
+
+def distill_panel(ws, sub_cfg, distill_cfg, lora=None, seed: int = 0, max_steps: int = 400) -> RunPanel:
+    """Lab 03: layer-level distillation with a live loss curve, then the per-layer gap and the plug-in gap.
+
+    Controls: the step budget, the weight-term coefficient and whether that term gets a gradient (the official
+    code computes it on detached weights, so it only shifts the logged loss).
+    """
+    from dataclasses import replace
+
+    from . import lab_helpers, workspace
+
+    controls = {
+        "steps": w.IntSlider(value=distill_cfg.steps, min=5, max=max(max_steps, distill_cfg.steps), step=5,
+                             description="steps", continuous_update=False),
+        "weight_term": w.Dropdown(options=[0.0, 0.01, 0.1, 1.0], value=distill_cfg.weight_term
+                                  if distill_cfg.weight_term in (0.0, 0.01, 0.1, 1.0) else 0.0,
+                                  description="weight term α"),
+        "grad": w.Checkbox(value=distill_cfg.weight_term_grad, description="weight term trains (differentiable)"),
+    }
+    from . import models
+
+    compressed = list(sub_cfg.compressed(models.num_layers(ws.fm)))
+    loss_fig = plots.loss_curve([], title="Layer-level distillation loss (live)")
+    gap_fig = plots.grouped_layer_bars({"before": [None] * len(compressed), "after": [None] * len(compressed)},
+                                       "Hidden-state gap per compressed layer", "relative MSE",
+                                       layers=compressed)
+
+    def work(stop, emit):
+        cfg = replace(distill_cfg, steps=controls["steps"].value, weight_term=controls["weight_term"].value,
+                      weight_term_grad=controls["grad"].value)
+        emit({"status": f"distilling for {cfg.steps} steps (a cached result returns at once)"})
+        built = workspace.sub_fm(ws, sub_cfg, cfg, progress=False, stop=stop,
+                                 on_step=lambda s, loss: emit({"step": s, "loss": loss,
+                                                               "progress": 0.85 * (s + 1) / cfg.steps}))
+        emit({"losses": built.distill_loss, "gaps_before": built.gaps_before, "gaps_after": built.gaps_after,
+              "status": "measuring the plug-in gap (gradient discrepancy at A_0)"})
+        if stop.is_set():
+            return built
+        emit({"discrepancy": lab_helpers.proxy_discrepancy(ws.fm, built.model, ws.probe_batches, lora, seed)})
+        return built
+
+    def on_event(event, figs):
+        if "step" in event:
+            extend_trace(figs[0].data[0], [event["step"]], [event["loss"]])
+        if "losses" in event:
+            figs[0].data[0].x, figs[0].data[0].y = list(range(len(event["losses"]))), event["losses"]
+            figs[1].data[0].y, figs[1].data[1].y = event["gaps_before"], event["gaps_after"]
+        if "discrepancy" in event:
+            d = event["discrepancy"]
+            figs[1].layout.title.text = (f"Hidden-state gap per compressed layer; plug-in: gradient cosine "
+                                         f"{d['grad_cosine']:.3f}, logit KL {d['logit_kl']:.2e}")
+
+    return RunPanel(work, on_event, [loss_fig, gap_fig], controls=list(controls.values()),
+                    on_start=reset_figures, title="Distil the sub-FM")
+
+
+def fed_run_panel(cfg, ws) -> RunPanel:
+    """Lab 04: one federated run with live FM / proxy accuracy and cumulative communication.
+
+    Controls: rounds, sample fraction, Dirichlet alpha, keep ratio. Runs go through ``federation.cached_run``,
+    so a configuration already run (here or in another lab) replays instantly.
+    """
+    from dataclasses import replace
+
+    from . import federation, workspace
+
+    controls = {
+        "rounds": w.IntSlider(value=cfg.rounds, min=1, max=max(20, cfg.rounds), description="rounds",
+                              continuous_update=False),
+        "sample_fraction": w.FloatSlider(value=cfg.sample_fraction, min=0.1, max=1.0, step=0.05,
+                                         description="sampled", continuous_update=False),
+        "alpha": w.FloatLogSlider(value=cfg.data.alpha, base=10, min=-1, max=2, step=0.1, description="alpha",
+                                  readout_format=".3g", continuous_update=False),
+        "keep_ratio": w.FloatSlider(value=cfg.keep_ratio, min=0.05, max=1.0, step=0.05, description="keep ratio",
+                                    continuous_update=False),
+    }
+    keys = ("accuracy", "sub_accuracy")
+    curves = plots.empty_round_curves(keys, title="Accuracy per round (live)", ylabel="accuracy")
+    cost = plots.line_plot([0], {"uploaded by clients": [0.0], "downloaded by clients": [0.0]},
+                           "Cumulative communication (live)", "round", "MB")
+
+    def work(stop, emit):
+        data = replace(cfg.data, alpha=controls["alpha"].value)
+        run_cfg = replace(cfg, rounds=controls["rounds"].value, sample_fraction=controls["sample_fraction"].value,
+                          keep_ratio=controls["keep_ratio"].value, data=data)
+        run_ws = ws if data == ws.cfg else workspace.prepare(data, fm=ws.fm)
+        emit({"status": "building the proxy (distillation is cached after the first time) …"})
+        return federation.cached_run(
+            run_cfg, run_ws, progress=False, stop=stop,
+            on_round=lambda r: emit({**r, "progress": r["round"] / run_cfg.rounds,
+                                     "status": _progress_status(r, run_cfg.rounds)}))
+
+    update = combine_updaters(round_curve_updater(keys), cumulative_cost_updater(fig_index=1))
+    return RunPanel(work, update, [curves, cost], controls=list(controls.values()), on_start=reset_figures,
+                    title="Run FedPFT")
+
+
+def discrepancy_panel(cfg, ws, baselines: Sequence[str] = ("fedpft-b", "fedpft-n")) -> RunPanel:
+    """Lab 05: FedPFT and a baseline without in-FL alignment, streaming gradient cosine and relative L2.
+
+    Controls: the pre-FL distillation steps, alignment interval t, updated proportion p and selection rule.
+    """
+    from dataclasses import replace
+
+    from . import align, federation
+
+    controls = {
+        "rounds": w.IntSlider(value=cfg.rounds, min=2, max=max(20, cfg.rounds), description="rounds",
+                              continuous_update=False),
+        "distill_steps": w.IntSlider(value=cfg.distill_steps, min=0, max=max(300, cfg.distill_steps), step=10,
+                                     description="pre-FL steps", continuous_update=False),
+        "align_interval": w.IntSlider(value=cfg.align_interval, min=1, max=10, description="interval t",
+                                      continuous_update=False),
+        "align_proportion": w.FloatSlider(value=cfg.align_proportion, min=0.1, max=1.0, step=0.1,
+                                          description="proportion p", continuous_update=False),
+        "align_rule": w.Dropdown(options=list(align.RULES), value=cfg.align_rule, description="rule"),
+        "baseline": w.Dropdown(options=[(federation.METHOD_NAMES[m], m) for m in baselines], value=baselines[0],
+                               description="compare with"),
+    }
+    runs = ["fedpft", "baseline"]
+    figs = [plots.empty_method_curves(runs, "grad_cosine", title="Gradient cosine, sub-FM vs FM (live)"),
+            plots.empty_method_curves(runs, "grad_rel_l2", title="Relative L2 error, sub-FM vs FM (live)")]
+
+    def work(stop, emit):
+        knobs = {k: controls[k].value for k in ("rounds", "distill_steps", "align_interval", "align_proportion",
+                                                "align_rule")}
+        for i, (run, method) in enumerate((("fedpft", "fedpft"), ("baseline", controls["baseline"].value))):
+            if stop.is_set():
+                break
+            run_cfg = replace(cfg, method=method, **knobs)
+            emit({"status": f"{federation.METHOD_NAMES[method]}: building the proxy …"})
+            federation.cached_run(
+                run_cfg, ws, progress=False, stop=stop,
+                on_round=lambda r, i=i, run=run, name=federation.METHOD_NAMES[method]: emit(
+                    {**r, "method": run, "progress": (i + r["round"] / run_cfg.rounds) / 2,
+                     "status": _progress_status(r, run_cfg.rounds, f"{name}: ")}))
+
+    def on_start(live):
+        reset_figures(live)
+        for fig in live:
+            fig.data[0].name = "FedPFT"
+            fig.data[1].name = federation.METHOD_NAMES[controls["baseline"].value]
+
+    update = combine_updaters(method_curve_updater(runs, "grad_cosine", 0), method_curve_updater(runs, "grad_rel_l2", 1))
+    return RunPanel(work, update, figs, controls=list(controls.values()), on_start=on_start,
+                    title="Gradient discrepancy with and without alignment")
+
+
+def methods_panel(cfg, ws, methods: Sequence[str] | None = None) -> RunPanel:
+    """Lab 06: run a chosen set of methods on the same split one after another, accuracy curves live."""
+    from dataclasses import replace
+
+    from . import federation
+
+    all_methods = list(federation.METHODS)
+    chosen = list(methods) if methods is not None else all_methods
+    controls = {
+        "methods": w.SelectMultiple(options=[(federation.METHOD_NAMES[m], m) for m in all_methods],
+                                    value=tuple(chosen), rows=len(all_methods), description="methods"),
+        "rounds": w.IntSlider(value=cfg.rounds, min=1, max=max(20, cfg.rounds), description="rounds",
+                              continuous_update=False),
+    }
+    fig = plots.empty_method_curves([federation.METHOD_NAMES[m] for m in all_methods], "accuracy",
+                                    title="FM accuracy (adapter plugged in) by method (live)")
+
+    def work(stop, emit):
+        picked = [m for m in all_methods if m in controls["methods"].value]
+        rounds = controls["rounds"].value
+        for i, method in enumerate(picked):
+            if stop.is_set():
+                break
+            name = federation.METHOD_NAMES[method]
+            emit({"status": f"{name}: building the proxy …"})
+            federation.cached_run(
+                replace(cfg, method=method, rounds=rounds), ws, progress=False, stop=stop,
+                on_round=lambda r, i=i, name=name: emit(
+                    {**r, "method": name, "progress": (i + r["round"] / rounds) / len(picked),
+                     "status": _progress_status(r, rounds, f"{name}: ")}))
+
+    update = method_curve_updater([federation.METHOD_NAMES[m] for m in all_methods], "accuracy")
+    return RunPanel(work, update, [fig], controls=list(controls.values()), on_start=reset_figures,
+                    title="Run methods side by side")

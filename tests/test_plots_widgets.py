@@ -262,3 +262,178 @@ def test_convex_curves_match_the_library():
     gaps = convex.gradient_descent_gaps(problem, 50)
     fig = plots.convex_curves({"true": gaps}, bound=convex.gd_bound(problem, 50))
     assert np.all(np.asarray(fig.data[0].y) <= np.asarray(fig.data[1].y) + 1e-12)
+
+
+# ----------------------------------------------------------------------------- labs 02-06 figures and panels
+
+def test_param_bars_show_mebi_with_both_units_in_the_text():
+    fig = plots.param_bars({"FM": 2**20, "layer-wise sub-FM": 2**19})
+    assert list(fig.data[0].y) == [1.0, 0.5]
+    assert "1.00 Mi" in fig.data[0].text[0] and "1.05 M" in fig.data[0].text[0]
+    with pytest.raises(ConfigError):
+        plots.param_bars({})
+
+
+def test_saliency_histograms_two_traces_per_layer_with_shared_bins():
+    sal = {0: np.arange(10.0), 1: np.arange(10.0) * 2}
+    kept = {0: np.ones(10, bool), 1: np.arange(10) >= 7}
+    fig = plots.saliency_histograms(sal, kept, bins=5)
+    assert [t.name for t in fig.data] == ["kept", "dropped"] * 2
+    assert len(fig.data[0].x) == 10 and len(fig.data[1].x) == 0
+    assert list(fig.data[2].x) == [14.0, 16.0, 18.0] and len(fig.data[3].x) == 7
+    assert fig.data[2].xbins.size == fig.data[3].xbins.size and fig.layout.barmode == "stack"
+
+
+def test_grouped_layer_bars_leave_missing_layers_empty():
+    fig = plots.grouped_layer_bars({"layer-wise sub-FM": [0.0, 0.2, 0.3], "layer-drop proxy": [0.0, None, 0.5]},
+                                   "gap", "relative MSE")
+    assert [t.name for t in fig.data] == ["layer-wise sub-FM", "layer-drop proxy"]
+    assert list(fig.data[1].y) == [0.0, None, 0.5] and fig.layout.barmode == "group"
+
+
+ALIGNED = [
+    {"round": 0, "grad_cosine": 0.99},
+    {"round": 1, "grad_cosine": 0.9},
+    {"round": 2, "grad_cosine": 0.95, "aligned": True, "before_align": {"grad_cosine": 0.8}},
+    {"round": 3, "grad_cosine": 0.9},
+]
+
+
+def test_alignment_path_draws_the_step_at_aligned_rounds():
+    xs, ys = plots.alignment_path(ALIGNED)
+    assert xs == [0, 1, 2, 2, 3] and ys == [0.99, 0.9, 0.8, 0.95, 0.9]
+
+
+def test_discrepancy_curves_mark_before_and_after():
+    fig = plots.discrepancy_curves({"FedPFT": ALIGNED, "FedPFT-B": ALIGNED[:2]})
+    names = [t.name for t in fig.data]
+    assert names == ["FedPFT", "FedPFT: before alignment", "FedPFT: after alignment", "FedPFT-B"]
+    assert list(fig.data[1].y) == [0.8] and list(fig.data[2].y) == [0.95]
+    assert [s.x0 for s in fig.layout.shapes] == [2]
+
+
+def test_layer_heatmap_is_layers_by_rounds_with_gaps():
+    m = np.array([[0.9, 0.8], [0.7, np.nan], [0.6, 0.5]])
+    fig = plots.layer_heatmap(m, [0, 1, 2], "per-layer cosine", aligned=[1])
+    z = fig.data[0].z
+    assert len(z) == 2 and list(z[0]) == [0.9, 0.7, 0.6] and z[1][1] is None
+    assert [s.x0 for s in fig.layout.shapes] == [1]
+    with pytest.raises(ConfigError):
+        plots.layer_heatmap(m, [0, 1], "bad")
+
+
+def test_metric_bars_one_panel_per_metric():
+    fig = plots.metric_bars({"FedPFT": {"MB": 1.0, "s": 2.0}, "FedOT": {"MB": 0.5, "s": 1.0}})
+    assert len(fig.data) == 2 and list(fig.data[0].x) == ["FedPFT", "FedOT"] and list(fig.data[1].y) == [2.0, 1.0]
+
+
+def test_method_and_cost_updaters_stream_several_runs():
+    names = ["FedPFT", "FedPFT-B"]
+    curves = plots.empty_method_curves(names, "grad_cosine")
+    cost = go.Figure([go.Scatter(x=[], y=[]), go.Scatter(x=[], y=[])])
+
+    def work(stop, emit):
+        for name in names:
+            for r in ALIGNED:
+                emit({**r, "method": name, "bytes_up": 1e6, "bytes_down": 2e6})
+        emit({"step": 0, "loss": 1.0})
+
+    update = widgets.combine_updaters(widgets.method_curve_updater(names, "grad_cosine"),
+                                      widgets.cumulative_cost_updater(fig_index=1))
+    panel = widgets.RunPanel(work, update, [curves, cost])
+    panel.start_button.click()
+    assert panel.run.join(timeout=10) and panel.run.error is None
+    live, live_cost = panel.figs
+    assert list(live.data[0].x) == [0, 1, 2, 2, 3] and list(live.data[0].y) == [0.99, 0.9, 0.8, 0.95, 0.9]
+    assert len(live.data[1].y) == 5 and len(live.layout.shapes) == 2
+    assert list(live_cost.data[0].y) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert live_cost.data[1].y[-1] == 16.0
+
+
+def test_step_curve_updater_draws_a_live_loss_curve():
+    fig = go.FigureWidget(plots.loss_curve([]))
+    update = widgets.step_curve_updater()
+    for step, loss in enumerate([3.0, 2.0, 1.5]):
+        update({"step": step, "loss": loss}, [fig])
+    update({"status": "evaluating"}, [fig])
+    assert list(fig.data[0].x) == [0, 1, 2] and list(fig.data[0].y) == [3.0, 2.0, 1.5]
+
+
+def test_subfm_explorer_recounts_and_redraws_instantly():
+    from fedpft_lab import lab_helpers, models
+
+    fm = models.load_fm("tiny-bert", num_labels=2, seed=0)
+    sal = lab_helpers.layer_saliencies(fm)
+    panel = widgets.subfm_explorer(fm, sal, keep_ratio=0.25, retained=(0, 3))
+    bars, hists = panel.figs["params"], panel.figs["saliency"]
+    sub_before = bars.data[0].y[1]
+    assert len(hists.data) == 2 * len(sal) and len(hists.data[2].x) == 16     # 25% of 64 neurons kept
+    panel.controls["keep_ratio"].value = 0.5
+    assert bars.data[0].y[1] > sub_before and len(hists.data[2].x) == 32
+    assert bars.data[0].y[0] == pytest.approx(models.transformer_params(fm) / 2**20)
+    panel.controls["retained"].value = (1,)
+    assert len(hists.data[2].x) == 64 and len(hists.data[0].x) == 32          # layer 1 full, layer 0 compressed
+    assert "layer-drop proxy" in panel.readout.value
+
+
+# ----------------------------------------------------------------------------- lab panels on the tiny model
+
+@pytest.fixture(scope="module")
+def tiny_lab(tiny_ws):
+    from fedpft_lab import federation
+
+    cfg = federation.FedConfig(data=tiny_ws.cfg, rounds=2, distill_steps=2, distill_batch_size=4, align_steps=1,
+                               align_batch_size=4, align_interval=1, lora_rank=2)
+    return cfg, tiny_ws
+
+
+def test_construction_panel_fills_both_figures(tiny_lab):
+    from fedpft_lab import lab_helpers
+
+    cfg, ws = tiny_lab
+    explorer = widgets.subfm_explorer(ws.fm, lab_helpers.layer_saliencies(ws.fm), 0.5, (0, 3))
+    panel = widgets.construction_panel(ws.fm, ws.probe_batches, explorer, cfg.lora_config(), seed=0)
+    panel.start_button.click()
+    assert panel.run.join(timeout=120) and panel.run.error is None
+    cos, gap = panel.figs
+    assert all(v is not None for v in cos.data[0].y)                   # layer-wise: every layer
+    assert [v is not None for v in cos.data[1].y] == [True, False, False, True]
+    assert "layer-wise" in cos.layout.title.text and panel.progress.value == 1.0
+    explorer.controls["retained"].value = ()                            # FedOT needs adapter layers
+    panel.start_button.click()
+    assert panel.run.join(timeout=60) and "ConfigError" in panel.status.value
+
+
+def test_distill_panel_streams_the_loss_and_draws_gaps(tiny_lab):
+    cfg, ws = tiny_lab
+    panel = widgets.distill_panel(ws, cfg.sub_config(), cfg.distill_config(), cfg.lora_config(), seed=0)
+    panel.controls[0].value = 5
+    panel.start_button.click()
+    assert panel.run.join(timeout=120) and panel.run.error is None
+    loss, gaps = panel.figs
+    assert len(loss.data[0].y) == 5
+    assert len(gaps.data[0].y) == len(cfg.sub_config().compressed(4)) and gaps.data[1].y[0] is not None
+    assert "logit KL" in gaps.layout.title.text
+
+
+def test_fed_run_discrepancy_and_methods_panels_stream_rounds(tiny_lab):
+    cfg, ws = tiny_lab
+    fed = widgets.fed_run_panel(cfg, ws)
+    fed.start_button.click()
+    assert fed.run.join(timeout=300) and fed.run.error is None
+    curves, cost = fed.figs
+    assert list(curves.data[0].x) == [0, 1, 2] and len(cost.data[0].y) == 3 and cost.data[1].y[-1] > 0
+
+    disc = widgets.discrepancy_panel(cfg, ws)
+    disc.start_button.click()
+    assert disc.run.join(timeout=300) and disc.run.error is None
+    cos = disc.figs[0]
+    assert [t.name for t in cos.data] == ["FedPFT", "FedPFT-B"]
+    assert len(cos.data[0].x) == 4 and len(cos.data[1].x) == 3           # FedPFT aligned once: one extra point
+    assert len(cos.layout.shapes) == 1
+
+    methods = widgets.methods_panel(cfg, ws, ["fedot", "fedpft-n"])
+    methods.start_button.click()
+    assert methods.run.join(timeout=300) and methods.run.error is None
+    filled = [t.name for t in methods.figs[0].data if t.y]
+    assert filled == ["FedOT", "FedPFT-N"]
