@@ -38,6 +38,7 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     weight_term: float = 0.0          # alpha of the weight-product term L_w (0 = off)
     weight_term_grad: bool = False    # official code: L_w is computed on .data, so it never trains anything
+    match_output: bool = True         # also match the last layer's output, the features the task head reads
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -116,13 +117,15 @@ def paired_hidden_states(teacher: nn.Module, student: nn.Module, inputs: torch.T
 
 
 def alignment_loss(teacher: nn.Module, student: nn.Module, inputs: torch.Tensor, match: list[int],
-                   weight_term: float = 0.0, weight_term_grad: bool = False) -> torch.Tensor:
-    """L_KD = mean over matched layers of (L_hid^l + weight_term * L_w^l)."""
+                   weight_term: float = 0.0, weight_term_grad: bool = False,
+                   weight_layers: list[int] | None = None) -> torch.Tensor:
+    """L_KD = mean over matched layers of L_hid^l, plus weight_term * mean over ``weight_layers`` of L_w^l."""
     t_out, s_out = paired_hidden_states(teacher, student, inputs, match)
-    loss = sum(relative_mse(t, s) for t, s in zip(t_out, s_out))
+    loss = sum(relative_mse(t, s) for t, s in zip(t_out, s_out)) / len(match)
     if weight_term:
-        loss = loss + weight_term * sum(weight_product_loss(teacher, student, l, weight_term_grad) for l in match)
-    return loss / len(match)
+        wl = match if weight_layers is None else weight_layers
+        loss = loss + weight_term * sum(weight_product_loss(teacher, student, l, weight_term_grad) for l in wl) / len(wl)
+    return loss
 
 
 @torch.no_grad()
@@ -172,6 +175,9 @@ def distill(teacher: nn.Module, student: nn.Module, inputs: torch.Tensor, match:
     from tqdm.auto import tqdm
 
     params = ffn_parameters(student, match) if params is None else params
+    # The last layer is never trained (it is retained), but matching its output makes the compressed
+    # FFNs serve what the head actually reads rather than only their own layer's output.
+    loss_layers = sorted(set(match) | ({models.num_layers(student) - 1} if cfg.match_output else set()))
     trainable = {id(p) for p in params}
     flags = {p: p.requires_grad for p in student.parameters()}
     for p in student.parameters():
@@ -195,7 +201,8 @@ def distill(teacher: nn.Module, student: nn.Module, inputs: torch.Tensor, match:
             if len(idx) < cfg.batch_size:  # wrap around: a new epoch over the public blocks
                 order = torch.randperm(len(inputs), generator=gen)
                 idx = torch.cat([idx, order[: cfg.batch_size - len(idx)]])
-            loss = alignment_loss(teacher, student, inputs[idx], match, cfg.weight_term, cfg.weight_term_grad)
+            loss = alignment_loss(teacher, student, inputs[idx], loss_layers, cfg.weight_term, cfg.weight_term_grad,
+                                  weight_layers=match)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.max_grad_norm:
