@@ -251,3 +251,12 @@ def test_per_module_table_skips_the_zero_lora_a_gradients():
     table = H.per_module_table(report)
     assert table == {"layer-wise sub-FM": {"head": 0.9, "q.lora_B": 0.5}, "layer-drop proxy": {"head": 0.9, "q.lora_B": 0.5}}
     assert H.per_module_table(report, "rel_l2", skip=())["layer-drop proxy"]["q.lora_A"] == 0.0
+
+
+@pytest.mark.parametrize("cores,load,expected", [(2, 0.1, 2), (2, 0.6, 1), (2, 4.5, 1), (16, 3.2, 8), (1, 0.0, 1)])
+def test_lab_threads_uses_only_free_cores(monkeypatch, cores, load, expected):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    assert H.lab_threads() == expected
