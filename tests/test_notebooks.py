@@ -47,6 +47,63 @@ EXPECTATIONS: dict[str, dict[str, object]] = {
         "exercise_alpha": (0.01, 10.0),
         "exercise_share": (0.9, 1.0),
     },
+    # Labs 02-06 run the real MiniLM at SMOKE sizes (fedpft_lab.lab_helpers.SMOKE_DATA / SMOKE_FED): 2 rounds,
+    # alignment after round 1, a 40-tweet test set. Accuracies carry no signal at that size; structure does.
+    "02_building_a_sub_fm": {
+        "fm_params": 10_646_784,            # MiniLM-L6 transformer layers
+        "sub_fm_params": 7_103_232,         # 4 compressed layers keep 384 of 1536 FFN neurons
+        "layer_drop_params": lambda n: isinstance(n, int) and 5_000_000 < n < 8_000_000,
+        "layer_drop_layers": lambda ls: ls[0] == 0 and ls[-1] == 5 and 3 <= len(ls) <= 5,
+        "paper_mebi": lambda d: round(d["fm"]) == 81 and round(d["sub_fm"]) == 47 and round(d["layer_drop"]) == 47,
+        "kept_saliency_share": (0.25, 1.0),  # the kept quarter holds at least its share of the weight mass
+        "layerwise_grad_cosine": (-1.0, 1.0),
+        "layerdrop_grad_cosine": (-1.0, 1.0),
+        "layerwise_rel_l2": (0.0, math.inf),
+        "layerwise_logit_kl": (0.0, math.inf),
+        "layerwise_hidden_gap": lambda g: len(g) == 6 and g[0] == 0.0 and all(x > 0 for x in g[1:]),
+        "layerdrop_hidden_gap": lambda g: len(g) == 6 and g.count(None) == 2,
+        "exercise_ok": True,
+    },
+    "03_layer_level_distillation": {
+        "distill_steps": 4,
+        "loss_first": (0.0, 1.0),
+        "gaps_before": lambda g: len(g) == 4,
+        "gaps_after": lambda g: len(g) == 4,
+        "distilled_grad_cosine": (-1.0, 1.0),
+        "detached_same_weights": True,      # the official weight term has no gradient: identical FFNs
+        "detached_loss_shift": (0.0, math.inf),
+        "exercise_ok": True,
+    },
+    "04_federated_proxy_finetuning": {
+        "method": "fedpft",
+        "num_rounds": 2,
+        "rounds_recorded": 3,               # round 0 (before FL) + 2 rounds
+        "final_accuracy": is_fraction,
+        "final_sub_accuracy": is_fraction,
+        "plugin_gaps": lambda g: len(g) == 3 and all(-1 <= x <= 1 for x in g),
+        "aligned_rounds": [1],
+        "total_mb": (0.1, 100.0),
+        "ratio_to_shipping_fm": (0.0, 1.0),
+        "exercise_ok": True,
+    },
+    "05_gradient_discrepancy": {
+        "baselines": ["fedpft-b", "fedpft-n"],
+        "rounds_recorded": {"fedpft": 3, "fedpft-b": 3, "fedpft-n": 3},
+        "aligned_rounds": {"fedpft": [1], "fedpft-b": [], "fedpft-n": []},
+        "grad_cosine": lambda d: all(-1 <= c <= 1 for cs in d.values() for c in cs),
+        "grad_rel_l2": lambda d: all(x >= 0 for xs in d.values() for x in xs),
+        "jumps": lambda d: all(len(v) == 1 for v in d.values()),
+        "before_first_alignment_matches_fedpft_b": True,   # FedPFT and FedPFT-B differ only by the alignment
+        "exercise_ok": True,
+    },
+    "06_baselines_and_ablations": {
+        "methods": ["fedpetuning", "fedot", "fedpft-n", "fedpft-b", "fedpft-d", "fedpft"],
+        "final_accuracy": lambda d: len(d) == 6 and all(is_fraction(a) for a in d.values()),
+        "mean_grad_cosine": lambda d: all(-1 <= c <= 1 + 1e-9 for c in d.values()),
+        "proxy_params": lambda d: d["fedpft"] == 7_103_232 and d["fedpetuning"] == 10_646_784,
+        "fm_params": 10_646_784,
+        "exercise_ok": True,
+    },
     "07_why_alignment_matters": {
         "num_steps": 1000,
         "bound_holds": True,
@@ -73,6 +130,33 @@ def _floors_grow_with_period(m: dict) -> bool:
 
 
 RELATIONS: dict[str, list[tuple[str, Callable[[dict], bool]]]] = {
+    "02_building_a_sub_fm": [
+        ("both proxies fit the same budget", lambda m: abs(m["layer_drop_params"] - m["sub_fm_params"])
+         < 0.15 * m["fm_params"]),
+        ("at keep ratio 1 the sub-FM is the FM", lambda m: m["sweep_cosine"]["layer-wise sub-FM"]["1.0"] > 0.9999),
+        ("the hidden gap grows with depth in the layer-wise sub-FM",
+         lambda m: m["layerwise_hidden_gap"][-1] > m["layerwise_hidden_gap"][1]),
+    ],
+    "03_layer_level_distillation": [
+        ("distillation shrinks the mean layer gap on the corpus", lambda m: m["gap_after_mean"] < m["gap_before_mean"]),
+        ("the loss falls", lambda m: m["loss_last"] < m["loss_first"]),
+    ],
+    "04_federated_proxy_finetuning": [
+        ("the W_fro package makes the download after an alignment bigger",
+         lambda m: m["bytes_down_per_round"][2] > m["bytes_down_per_round"][1] > 0),
+    ],
+    "05_gradient_discrepancy": [
+        ("FedPFT and FedPFT-B start from the same distilled sub-FM and adapter",
+         lambda m: m["grad_cosine"]["fedpft"][0] == m["grad_cosine"]["fedpft-b"][0]),
+        ("FedPFT-N starts from another (undistilled) sub-FM",
+         lambda m: m["grad_cosine"]["fedpft-n"][0] != m["grad_cosine"]["fedpft-b"][0]),
+    ],
+    "06_baselines_and_ablations": [
+        ("FedPETuning's proxy is the FM", lambda m: abs(m["mean_grad_cosine"]["fedpetuning"] - 1) < 1e-9),
+        ("alignment broadcasts cost extra download", lambda m: m["comm_mb"]["fedpft"] > m["comm_mb"]["fedpft-b"]),
+        ("FedOT sends less (LoRA in its adapter layers only)", lambda m: m["comm_mb"]["fedot"] < m["comm_mb"]["fedpft-b"]),
+        ("compression shrinks what clients hold", lambda m: m["proxy_params"]["fedot"] < m["fm_params"]),
+    ],
     "01_clients_and_skew": [
         ("FLGo skew falls as alpha grows", _flgo_skew_falls_with_alpha),
         ("skewed rounds drift further from p than IID rounds",
