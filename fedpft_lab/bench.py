@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from torch.utils import flop_counter
 
 from . import adapters, data, federation, models, subfm
 from .discrepancy import gradient_discrepancy
-from .distill import DistillConfig, distill
+from .distill import DistillConfig, distill, embed
 from .workspace import DataConfig, Workspace, prepare
 
 LABS_DIR = Path(__file__).resolve().parent.parent / "labs"
@@ -181,37 +181,79 @@ def padding_fraction(batches: list[dict]) -> float:
     return 1.0 - real / total if total else 0.0
 
 
+@dataclass
+class Timing:
+    """One timed ``local_train`` epoch: wall and process-CPU seconds, and the per-step wall times.
+
+    CPU time counts every thread of the process (spin-waiting included); with one thread it is the work
+    itself, which other jobs on the machine cannot inflate the way they inflate wall time."""
+
+    wall: float
+    cpu: float
+    steps: list[float]
+
+
+def _shape(batch: dict[str, torch.Tensor]) -> tuple:
+    return tuple((batch["input_ids"] if "input_ids" in batch else batch["pixel_values"]).shape)
+
+
+def epoch_flops(model: nn.Module, batches: list[dict]) -> int:
+    """Training FLOPs of one pass over ``batches``. FLOPs depend on shapes only, so each shape is counted once."""
+    by_shape: dict[tuple, int] = {}
+    for b in batches:
+        if _shape(b) not in by_shape:
+            by_shape[_shape(b)] = train_step_flops(model, b)
+    return sum(by_shape[_shape(b)] for b in batches)
+
+
+def time_local_train(model: nn.Module, shard: data.EncodedSplit, pad_id: int, batch_size: int, lr: float,
+                     seed: int = 0) -> Timing:
+    """One epoch of the real ``federation.local_train`` on ``shard``, with a stamp at every step."""
+    cpu = time.process_time()
+    with step_clock(model) as stamps:
+        federation.local_train(model, shard, 1, batch_size, lr, 1.0, seed, pad_id)
+        stamps.append(time.perf_counter())
+    return Timing(stamps[-1] - stamps[0], time.process_time() - cpu, np.diff(stamps).tolist())
+
+
+def throughput_record(timings: list[Timing], examples: int, batches: list[dict], flops: int,
+                      peak_flops: float | None) -> dict:
+    """Figures of the fastest repetition (the one least disturbed by other work on the machine)."""
+    best = min(timings, key=lambda t: t.wall)
+    out = {"examples": examples, "batch_size": len(batches[0]["labels"]), "steps": len(batches),
+           "seconds": best.wall, "cpu_seconds": best.cpu, "seconds_all": [t.wall for t in timings],
+           "examples_per_s": examples / best.wall, "step_ms_mean": 1e3 * best.wall / len(batches),
+           "step_ms_median": 1e3 * float(np.median(best.steps)), "step_ms_min": 1e3 * min(best.steps),
+           "cpu_ms_per_step": 1e3 * best.cpu / len(batches),
+           "flops_per_step": flops / len(batches), "flops_per_s": flops / best.wall,
+           "padding_fraction": padding_fraction(batches)}
+    if peak_flops:
+        out["fraction_of_peak"] = out["flops_per_s"] / peak_flops
+    return out
+
+
 def client_throughput(model: nn.Module, shard: data.EncodedSplit, pad_id: int, batch_size: int = 8,
                       repeats: int = 3, peak_flops: float | None = None, seed: int = 0, lr: float = 2e-3) -> dict:
     """Time ``federation.local_train`` on ``shard`` (one epoch, ``repeats`` times, fastest kept) and
     count the FLOPs of the same batches. ``model`` is trained in place: pass a copy."""
+    return training_throughputs({"model": model}, shard, pad_id, batch_size, repeats, peak_flops, seed, lr)["model"]
+
+
+def training_throughputs(named: dict[str, nn.Module], shard: data.EncodedSplit, pad_id: int, batch_size: int,
+                         repeats: int, peak_flops: float | None, seed: int = 0, lr: float = 2e-3) -> dict:
+    """:func:`client_throughput` for several models, repetitions interleaved (A B C, A B C, ...) so that a
+    burst of load from other processes hits all of them alike instead of skewing their ratio."""
     batches = shard_batches(shard, batch_size, seed, pad_id)
-    by_shape: dict[tuple, int] = {}  # FLOPs depend on batch shapes only: count each shape once
-    for b in batches:
-        shape = tuple(b["input_ids"].shape) if "input_ids" in b else tuple(b["pixel_values"].shape)
-        if shape not in by_shape:
-            by_shape[shape] = train_step_flops(model, b)
-    flops = sum(by_shape[tuple(b["input_ids"].shape) if "input_ids" in b else tuple(b["pixel_values"].shape)]
-                for b in batches)
+    flops = {name: epoch_flops(m, batches) for name, m in named.items()}
     warm = shard.subset(np.arange(min(len(shard), 2 * batch_size)))
-    federation.local_train(model, warm, 1, batch_size, lr, 1.0, seed, pad_id)  # allocator, kernels
-    best_total, best_steps = float("inf"), []
+    for m in named.values():  # allocator, kernel selection, lazily built peft/transformers state
+        federation.local_train(m, warm, 1, batch_size, lr, 1.0, seed, pad_id)
+    timings: dict[str, list[Timing]] = {name: [] for name in named}
     for _ in range(repeats):
-        with step_clock(model) as stamps:
-            federation.local_train(model, shard, 1, batch_size, lr, 1.0, seed, pad_id)
-            stamps.append(time.perf_counter())
-        total = stamps[-1] - stamps[0]
-        if total < best_total:
-            best_total, best_steps = total, np.diff(stamps).tolist()
-    out = {"examples": len(shard), "batch_size": batch_size, "steps": len(batches), "seconds": best_total,
-           "examples_per_s": len(shard) / best_total, "step_ms_mean": 1e3 * best_total / len(batches),
-           "step_ms_median": 1e3 * float(np.median(best_steps)), "step_ms_min": 1e3 * min(best_steps),
-           "flops_per_step": flops / len(batches), "flops_per_s": flops / best_total,
-           "padding_fraction": padding_fraction(batches),
-           "transformer_params": models.transformer_params(model)}
-    if peak_flops:
-        out["fraction_of_peak"] = out["flops_per_s"] / peak_flops
-    return out
+        for name, m in named.items():
+            timings[name].append(time_local_train(m, shard, pad_id, batch_size, lr, seed))
+    return {name: {**throughput_record(timings[name], len(shard), batches, flops[name], peak_flops),
+                   "transformer_params": models.transformer_params(m)} for name, m in named.items()}
 
 
 def lora_proxy(ws: Workspace, keep_ratio: float | None) -> nn.Module:
@@ -224,13 +266,10 @@ def training_bench(ws: Workspace, cfg: BenchConfig, peak_flops: float | None) ->
     """Throughput of the FM and of every sub-FM in ``cfg.keep_ratios`` on the same shard of real tweets."""
     shard = ws.train.subset(np.arange(min(cfg.shard_size, len(ws.train))))
     fed = cfg.fed_config()
-    results = {}
-    for name, keep in [("fm", None)] + [(f"sub_{k:g}", k) for k in cfg.keep_ratios]:
-        model = lora_proxy(ws, keep)
-        results[name] = {"keep_ratio": keep, **client_throughput(model, shard, ws.pad_id, fed.batch_size,
-                                                                 cfg.repeats, peak_flops, lr=fed.lr)}
-        del model
-    return results
+    keeps = {"fm": None, **{f"sub_{k:g}": k for k in cfg.keep_ratios}}
+    named = {name: lora_proxy(ws, keep) for name, keep in keeps.items()}
+    results = training_throughputs(named, shard, ws.pad_id, fed.batch_size, cfg.repeats, peak_flops, lr=fed.lr)
+    return {name: {"keep_ratio": keeps[name], **r} for name, r in results.items()}
 
 
 def sub_vs_fm(training: dict, keep_ratio: float = 0.25) -> dict:
@@ -238,19 +277,36 @@ def sub_vs_fm(training: dict, keep_ratio: float = 0.25) -> dict:
     fm, sub = training["fm"], training[f"sub_{keep_ratio:g}"]
     return {"keep_ratio": keep_ratio,
             "step_time_ratio": sub["step_ms_mean"] / fm["step_ms_mean"],
+            "cpu_time_ratio": sub["cpu_seconds"] / fm["cpu_seconds"],
             "flops_ratio": sub["flops_per_step"] / fm["flops_per_step"],
             "transformer_params_ratio": sub["transformer_params"] / fm["transformer_params"]}
 
 
 # --------------------------------------------------------------------------- 4. distillation
 
-def distill_bench(ws: Workspace, steps: int, keep_ratio: float = 0.25) -> dict:
-    """Layer-level distillation speed between the FM and a fresh sub-FM on the public corpus."""
+def teacher_forward_seconds(teacher: nn.Module, inputs: torch.Tensor, last: int, repeats: int = 3) -> float:
+    """Fastest no-grad teacher pass up to layer ``last``: the part of a distillation step spent on the FM."""
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            t = time.perf_counter()
+            h = embed(teacher, inputs)
+            for layer in models.layers(teacher)[: last + 1]:
+                h = layer(h)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def distill_bench(ws: Workspace, cfg: DistillConfig, keep_ratio: float = 0.25) -> dict:
+    """Layer-level distillation speed between the FM and a fresh sub-FM on the public corpus, and the
+    share of a step that is the (frozen, recomputed every step) teacher forward."""
     sub, info = subfm.build_sub_fm(ws.fm, subfm.SubFMConfig(keep_ratio=keep_ratio))
-    distill(ws.fm, sub, ws.public, info.compressed, DistillConfig(steps=1), progress=False)  # warm-up
-    result = distill(ws.fm, sub, ws.public, info.compressed, DistillConfig(steps=steps), progress=False)
-    return {"steps": steps, "seconds": result.seconds, "steps_per_s": steps / result.seconds,
-            "batch_size": DistillConfig().batch_size, "block_size": int(ws.public.shape[-1])}
+    distill(ws.fm, sub, ws.public, info.compressed, replace(cfg, steps=1), progress=False)  # warm-up
+    result = distill(ws.fm, sub, ws.public, info.compressed, cfg, progress=False)
+    step = result.seconds / cfg.steps
+    teacher = teacher_forward_seconds(ws.fm, ws.public[: cfg.batch_size], max(info.compressed))
+    return {"steps": cfg.steps, "seconds": result.seconds, "steps_per_s": 1 / step, "batch_size": cfg.batch_size,
+            "block_size": int(ws.public.shape[-1]), "teacher_forward_share": min(1.0, teacher / step)}
 
 
 # --------------------------------------------------------------------------- 5. federated rounds
@@ -405,7 +461,7 @@ def run_bench(cfg: BenchConfig, notebooks: bool = True, log=print) -> dict:
     if 0.25 in cfg.keep_ratios:
         result["sub_vs_fm"] = sub_vs_fm(result["training"], 0.25)
     log("layer-level distillation ...")
-    result["distill"] = distill_bench(ws, cfg.distill_steps)
+    result["distill"] = distill_bench(ws, replace(cfg.fed_config().distill_config(), steps=cfg.distill_steps))
     log("federated rounds ...")
     result["federated"] = round_bench(ws, cfg.fed_config(), cfg.rounds)
     result["memory"] = memory_info()
@@ -431,19 +487,22 @@ def format_report(r: dict) -> str:
              + f"  (peak {_g(m['peak_flops'])}FLOP/s)",
              "", f"client training (federation.local_train, {next(iter(r['training'].values()))['examples']} real "
                  f"tweets, batch {next(iter(r['training'].values()))['batch_size']}, LoRA r=8 + head):",
-             "  model      ex/s   step ms (mean/median)   GFLOP/step   GFLOP/s   of peak   padding   transformer params"]
+             "  model      ex/s   step ms (mean/median)   CPU ms   GFLOP/step   GFLOP/s   of peak   padding   "
+             "transformer params"]
     for name, t in r["training"].items():
         lines.append(f"  {name:<8} {t['examples_per_s']:6.1f}   {t['step_ms_mean']:7.1f} / {t['step_ms_median']:<7.1f}"
-                     f"       {t['flops_per_step'] / 1e9:7.2f}   {t['flops_per_s'] / 1e9:7.1f}   "
+                     f"       {t['cpu_ms_per_step']:6.0f}   {t['flops_per_step'] / 1e9:7.2f}   {t['flops_per_s'] / 1e9:7.1f}   "
                      f"{t.get('fraction_of_peak', float('nan')):6.1%}   {t['padding_fraction']:6.1%}   "
                      f"{t['transformer_params']:,}")
     if "sub_vs_fm" in r:
         s = r["sub_vs_fm"]
-        lines.append(f"  sub-FM(keep {s['keep_ratio']}) / FM: step time {s['step_time_ratio']:.2f}x, "
+        lines.append(f"  sub-FM(keep {s['keep_ratio']}) / FM: step time {s['step_time_ratio']:.2f}x "
+                     f"(CPU time {s['cpu_time_ratio']:.2f}x), "
                      f"FLOPs {s['flops_ratio']:.2f}x, transformer params {s['transformer_params_ratio']:.2f}x")
     d = r["distill"]
     lines += ["", f"layer-level distillation: {d['steps_per_s']:.2f} steps/s "
-                  f"(batch {d['batch_size']} x {d['block_size']} tokens, {d['steps']} steps)"]
+                  f"(batch {d['batch_size']} x {d['block_size']} tokens, {d['steps']} steps); the teacher forward "
+                  f"is {d['teacher_forward_share']:.0%} of a step"]
     f = r["federated"]
     lines += ["", f"federated rounds ({f['method']}, {f['clients_per_round']} clients/round): setup fresh "
                   f"{f['setup_fresh_seconds']:.1f} s (distil {f['distill_steps']} steps), cached "
@@ -476,8 +535,12 @@ def write_json(obj: dict, path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Entry point of ``fedpft-lab bench`` (args: out, skip_notebooks, quick; optionally fm)."""
+    """Entry point of ``fedpft-lab bench`` (args: out, skip_notebooks, quick; optionally fm, threads)."""
     models.quiet_transformers()
+    threads = getattr(args, "threads", None)
+    if threads:  # also for the notebook kernels, which inherit the environment
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     cfg = bench_config(getattr(args, "fm", models.DEFAULT_FM), quick=args.quick)
     result = run_bench(cfg, notebooks=not args.skip_notebooks)
     path = Path(args.out) / "bench.json"
@@ -493,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-notebooks", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
     p.add_argument("--fm", default=models.DEFAULT_FM, help="minilm (default) or tiny-bert for a seconds-long check")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice); 1 is faster when other jobs share the CPU")
     return p
 
 

@@ -86,7 +86,7 @@ def test_whole_bench_keys_report_and_json(tmp_path, monkeypatch, cfg):
     assert all(t["examples_per_s"] > 0 for t in result["training"].values())
     s = result["sub_vs_fm"]
     assert s["flops_ratio"] < 1 and s["transformer_params_ratio"] < 1 and s["step_time_ratio"] > 0
-    assert result["distill"]["steps_per_s"] > 0
+    assert result["distill"]["steps_per_s"] > 0 and 0 < result["distill"]["teacher_forward_share"] <= 1
     fed = result["federated"]
     assert [r["round"] for r in fed["rounds"]] == [0, 1, 2]
     assert fed["rounds"][0]["client_seconds"] == 0 and fed["rounds"][1]["client_seconds"] > 0
