@@ -457,7 +457,8 @@ def distill_panel(ws, sub_cfg, distill_cfg, lora=None, seed: int = 0, max_steps:
     """Lab 03: layer-level distillation with a live loss curve, then the per-layer gap and the plug-in gap.
 
     Controls: the step budget, the weight-term coefficient and whether that term gets a gradient (the official
-    code computes it on detached weights, so it only shifts the logged loss).
+    code computes it on detached weights, so it only shifts the logged loss), and whether the last layer's output
+    is matched too (the library's default; the official code matches the compressed layers only).
     """
     from dataclasses import replace
 
@@ -470,6 +471,7 @@ def distill_panel(ws, sub_cfg, distill_cfg, lora=None, seed: int = 0, max_steps:
                                   if distill_cfg.weight_term in (0.0, 0.01, 0.1, 1.0) else 0.0,
                                   description="weight term α"),
         "grad": w.Checkbox(value=distill_cfg.weight_term_grad, description="weight term trains (differentiable)"),
+        "match_output": w.Checkbox(value=distill_cfg.match_output, description="also match the last layer's output"),
     }
     from . import models
 
@@ -481,7 +483,7 @@ def distill_panel(ws, sub_cfg, distill_cfg, lora=None, seed: int = 0, max_steps:
 
     def work(stop, emit):
         cfg = replace(distill_cfg, steps=controls["steps"].value, weight_term=controls["weight_term"].value,
-                      weight_term_grad=controls["grad"].value)
+                      weight_term_grad=controls["grad"].value, match_output=controls["match_output"].value)
         emit({"status": f"distilling for {cfg.steps} steps (a cached result returns at once)"})
         built = workspace.sub_fm(ws, sub_cfg, cfg, progress=False, stop=stop,
                                  on_step=lambda s, loss: emit({"step": s, "loss": loss,

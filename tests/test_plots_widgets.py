@@ -414,6 +414,11 @@ def test_distill_panel_streams_the_loss_and_draws_gaps(tiny_lab):
     assert len(loss.data[0].y) == 5
     assert len(gaps.data[0].y) == len(cfg.sub_config().compressed(4)) and gaps.data[1].y[0] is not None
     assert "logit KL" in gaps.layout.title.text
+    first = list(loss.data[0].y)
+    panel.controls[3].value = False                                     # the official code's matched layers
+    panel.start_button.click()
+    assert panel.run.join(timeout=120) and panel.run.error is None
+    assert len(loss.data[0].y) == 5 and list(loss.data[0].y) != first
 
 
 def test_fed_run_discrepancy_and_methods_panels_stream_rounds(tiny_lab):
@@ -437,3 +442,9 @@ def test_fed_run_discrepancy_and_methods_panels_stream_rounds(tiny_lab):
     assert methods.run.join(timeout=300) and methods.run.error is None
     filled = [t.name for t in methods.figs[0].data if t.y]
     assert filled == ["FedOT", "FedPFT-N"]
+
+
+def test_add_reference_curve_is_a_dashed_extra_line():
+    fig = plots.add_reference_curve(plots.round_curves(ROUNDS), ROUNDS[:2], "accuracy", "FedPETuning")
+    ref = fig.data[-1]
+    assert ref.name == "FedPETuning" and ref.line.dash == "dash" and list(ref.y) == [0.5, 0.6]
