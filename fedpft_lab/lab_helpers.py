@@ -333,6 +333,15 @@ def drop_vs_reference(accuracies: Mapping[str, float], reference: str = "fedpetu
     return {m: a - accuracies[reference] for m, a in accuracies.items()}
 
 
+def gap_closed(accuracies: Mapping[str, float], method: str = "fedpft", low: str = "fedot",
+               high: str = "fedpetuning") -> float | None:
+    """How much of the gap between ``low`` (FedOT) and ``high`` (FedPETuning) ``method`` closes: 0 = no better
+    than FedOT, 1 = as good as tuning the full FM. A scale-free reading that can be compared across papers;
+    None when the two references tie (nothing to close)."""
+    span = accuracies[high] - accuracies[low]
+    return None if abs(span) < 1e-12 else (accuracies[method] - accuracies[low]) / span
+
+
 # ----------------------------------------------------------------------------- the paper's numbers
 
 PAPER_SOURCE = ("Peng et al., FedPFT, IJCAI 2024 (arXiv 2404.11536): Tables 1-3 as reproduced in the official "

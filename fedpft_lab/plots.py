@@ -203,6 +203,14 @@ def round_curves(rounds: Sequence[Mapping], keys: Sequence[str] = ("accuracy", "
     return _layout(fig, title, "round", ylabel)
 
 
+def add_reference_curve(fig: go.Figure, rounds: Sequence[Mapping], key: str = "accuracy",
+                        name: str = "reference") -> go.Figure:
+    """Add another run's ``key`` over rounds as a dashed grey line (e.g. FedPETuning, the full-FM reference)."""
+    fig.add_trace(go.Scatter(x=[r.get("round", i) for i, r in enumerate(rounds)], y=_column(rounds, key),
+                             mode="lines", name=name, line=dict(dash="dash", color="gray")))
+    return fig
+
+
 def empty_round_curves(keys: Sequence[str] = ("accuracy", "sub_accuracy"), title: str = "Per-round metrics",
                        ylabel: str | None = None) -> go.Figure:
     """The figure ``round_curves`` would draw, with no rounds yet: one empty line per key, then the

@@ -260,3 +260,10 @@ def test_lab_threads_uses_only_free_cores(monkeypatch, cores, load, expected):
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     assert H.lab_threads() == expected
+
+
+def test_gap_closed_is_scale_free_and_matches_the_paper():
+    bert = {m: v[0] for m, v in H.PAPER_ABLATION_QNLI.items()}
+    assert H.gap_closed(bert) == pytest.approx((87.5 - 83.9) / (88.4 - 83.9))
+    assert H.gap_closed({m: a / 100 for m, a in bert.items()}) == pytest.approx(H.gap_closed(bert))
+    assert H.gap_closed({"fedpft": 0.7, "fedot": 0.7, "fedpetuning": 0.7}) is None

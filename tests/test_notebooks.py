@@ -80,6 +80,7 @@ EXPECTATIONS: dict[str, dict[str, object]] = {
         "rounds_recorded": 3,               # round 0 (before FL) + 2 rounds
         "final_accuracy": is_fraction,
         "final_sub_accuracy": is_fraction,
+        "reference_final_accuracy": is_fraction,    # FedPETuning, the full-FM reference curve
         "plugin_gaps": lambda g: len(g) == 3 and all(-1 <= x <= 1 for x in g),
         "aligned_rounds": [1],
         "total_mb": (0.1, 100.0),
@@ -102,6 +103,8 @@ EXPECTATIONS: dict[str, dict[str, object]] = {
         "mean_grad_cosine": lambda d: all(-1 <= c <= 1 + 1e-9 for c in d.values()),
         "proxy_params": lambda d: d["fedpft"] == 7_103_232 and d["fedpetuning"] == 10_646_784,
         "fm_params": 10_646_784,
+        "paper_gap_closed": lambda d: abs(d["BERT"] - 0.8) < 1e-9 and abs(d["RoBERTa"] - 3.4 / 5.5) < 1e-9,
+        "gap_closed": lambda g: g is None or isinstance(g, float),
         "exercise_ok": True,
     },
     "07_why_alignment_matters": {
