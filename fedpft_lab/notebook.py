@@ -11,7 +11,7 @@ Notebook layout (``labs/NN_name.ipynb``, kernelspec name ``python3``, committed 
        SMOKE = False     # True: tiny sizes so CI runs the lab in seconds
        SEED = 0
        HEADLESS = False  # True under papermill: no widgets are displayed, nothing waits for a click
-       OUT_DIR = "."     # where metrics.json goes, relative to the notebook
+       OUT_DIR = "_out/NN"  # where metrics.json goes, relative to the notebook (labs/_out is git-ignored)
        ROUNDS = 20       # ... the lab's main knobs, as literals
 
 3. Setup cell::
