@@ -231,8 +231,9 @@ def _tokenizer_id(tokenizer: Any) -> dict[str, Any]:
             "vocab": len(tokenizer) if hasattr(tokenizer, "__len__") else None}
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path | str) -> None:
     """Write next to the target, then rename: a crash never leaves a half-written cache file."""
+    path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
@@ -288,7 +289,7 @@ def public_corpus_blocks(tokenizer: Any, block_size: int = 128, max_blocks: int 
         raise ConfigError(f"block_size must be in [2, {len(tokens)}] (tokens in the public corpus), "
                           f"got {block_size}")
     blocks = torch.tensor(tokens[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
-    _atomic_torch_save(blocks, path)
+    atomic_torch_save(blocks, path)
     return blocks
 
 
@@ -326,7 +327,7 @@ def public_corpus_sentences(tokenizer: Any, length: int = 32, max_blocks: int | 
     if not rows:
         raise ConfigError(f"length must be in [4, a sentence length in the public corpus], got {length}")
     out = torch.tensor(rows, dtype=torch.long)
-    _atomic_torch_save(out, path)
+    atomic_torch_save(out, path)
     return out
 
 
@@ -643,7 +644,7 @@ def encode_task(task: TaskData, tokenizer_or_processor: Any, *,
         train = _encode_text(task.train, tokenizer_or_processor, length, f"{key}-train")
         test = _encode_text(task.test, tokenizer_or_processor, length, f"{key}-test")
     if task.fingerprint:
-        _atomic_torch_save({"train": _pack(train), "test": _pack(test)}, path)
+        atomic_torch_save({"train": _pack(train), "test": _pack(test)}, path)
     return train, test
 
 

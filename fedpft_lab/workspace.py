@@ -7,8 +7,6 @@ keyed by its full configuration (only the trained FFN tensors are stored, everyt
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 from torch import nn
 
 from . import data, models, paths, subfm
+from .data import atomic_torch_save as atomic_save  # noqa: F401  (re-exported for federation)
 from .errors import check_choice
 from .distill import DistillConfig, distill, layer_gaps
 from .partition import partition
@@ -119,19 +118,6 @@ def load_ffn_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         i, part, name = key.split(".", 2)
         mod = dict(zip(("fc1", "fc2", "norm"), models.ffn(model, int(i))))[part]
         getattr(mod, name).copy_(value)
-
-
-def atomic_save(obj: object, path: os.PathLike | str) -> None:
-    """torch.save to a temporary file and rename: a crash never leaves a half-written cache entry."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @dataclass
