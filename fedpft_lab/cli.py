@@ -5,10 +5,8 @@ Every sub-command runs offline on the embedded default (MiniLM + tweets + Wikipe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from .errors import ConfigError
