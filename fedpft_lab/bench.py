@@ -272,6 +272,35 @@ def training_bench(ws: Workspace, cfg: BenchConfig, peak_flops: float | None) ->
     return {name: {"keep_ratio": keeps[name], **r} for name, r in results.items()}
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def thread_bench(ws: Workspace, cfg: BenchConfig) -> dict:
+    """FM client training with one thread against the current setting, interleaved.
+
+    On an idle machine more threads win a little (these matmuls are small); when other jobs share the cores,
+    OpenMP threads spin-wait for each other at every operation and one thread can be several times faster.
+    """
+    shard = ws.train.subset(np.arange(min(cfg.shard_size, len(ws.train))))
+    fed, model, current = cfg.fed_config(), lora_proxy(ws, None), torch.get_num_threads()
+    settings = sorted({1, current})
+    walls: dict[int, list[float]] = {n: [] for n in settings}
+    for _ in range(max(1, cfg.repeats - 1)):
+        for n in settings:
+            with torch_threads(n):
+                walls[n].append(time_local_train(model, shard, ws.pad_id, fed.batch_size, fed.lr).wall)
+    best = {n: min(w) for n, w in walls.items()}
+    return {"threads": settings, "current": current, "seconds": {str(n): best[n] for n in settings},
+            "speedup_of_current_over_1": best[1] / best[current], "loadavg": list(os.getloadavg())}
+
+
 def sub_vs_fm(training: dict, keep_ratio: float = 0.25) -> dict:
     """Is the proxy as much cheaper in time as it is in FLOPs and parameters?"""
     fm, sub = training["fm"], training[f"sub_{keep_ratio:g}"]
@@ -460,6 +489,7 @@ def run_bench(cfg: BenchConfig, notebooks: bool = True, log=print) -> dict:
     result["training"] = training_bench(ws, cfg, peak)
     if 0.25 in cfg.keep_ratios:
         result["sub_vs_fm"] = sub_vs_fm(result["training"], 0.25)
+    result["threads"] = thread_bench(ws, cfg)
     log("layer-level distillation ...")
     result["distill"] = distill_bench(ws, replace(cfg.fed_config().distill_config(), steps=cfg.distill_steps))
     log("federated rounds ...")
@@ -499,6 +529,9 @@ def format_report(r: dict) -> str:
         lines.append(f"  sub-FM(keep {s['keep_ratio']}) / FM: step time {s['step_time_ratio']:.2f}x "
                      f"(CPU time {s['cpu_time_ratio']:.2f}x), "
                      f"FLOPs {s['flops_ratio']:.2f}x, transformer params {s['transformer_params_ratio']:.2f}x")
+    th = r["threads"]
+    lines.append(f"  threads: {th['current']} thread(s) train the FM {th['speedup_of_current_over_1']:.2f}x as fast as 1 "
+                 f"thread (load average {th['loadavg'][0]:.1f}; below 1x means the cores are shared)")
     d = r["distill"]
     lines += ["", f"layer-level distillation: {d['steps_per_s']:.2f} steps/s "
                   f"(batch {d['batch_size']} x {d['block_size']} tokens, {d['steps']} steps); the teacher forward "

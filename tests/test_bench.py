@@ -86,6 +86,7 @@ def test_whole_bench_keys_report_and_json(tmp_path, monkeypatch, cfg):
     assert all(t["examples_per_s"] > 0 for t in result["training"].values())
     s = result["sub_vs_fm"]
     assert s["flops_ratio"] < 1 and s["transformer_params_ratio"] < 1 and s["step_time_ratio"] > 0
+    assert result["threads"]["speedup_of_current_over_1"] > 0 and 1 in result["threads"]["threads"]
     assert result["distill"]["steps_per_s"] > 0 and 0 < result["distill"]["teacher_forward_share"] <= 1
     fed = result["federated"]
     assert [r["round"] for r in fed["rounds"]] == [0, 1, 2]
