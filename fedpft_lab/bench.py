@@ -333,7 +333,8 @@ def distill_bench(ws: Workspace, cfg: DistillConfig, keep_ratio: float = 0.25) -
     distill(ws.fm, sub, ws.public, info.compressed, replace(cfg, steps=1), progress=False)  # warm-up
     result = distill(ws.fm, sub, ws.public, info.compressed, cfg, progress=False)
     step = result.seconds / cfg.steps
-    teacher = teacher_forward_seconds(ws.fm, ws.public[: cfg.batch_size], max(info.compressed))
+    last = models.num_layers(ws.fm) - 1 if getattr(cfg, "match_output", False) else max(info.compressed)
+    teacher = teacher_forward_seconds(ws.fm, ws.public[: cfg.batch_size], last)
     return {"steps": cfg.steps, "seconds": result.seconds, "steps_per_s": 1 / step, "batch_size": cfg.batch_size,
             "block_size": int(ws.public.shape[-1]), "teacher_forward_share": min(1.0, teacher / step)}
 
