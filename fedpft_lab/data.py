@@ -111,12 +111,22 @@ def stratified_split(labels: np.ndarray, test_fraction: float,
     return train, test
 
 
-def stratified_subsample(labels: np.ndarray, size: int | None, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of ``size`` examples with the same label mix as ``labels`` (all if None/too big)."""
-    if size is None or size >= len(labels):
-        return np.arange(len(labels), dtype=np.int64)
+def stratified_subsample(labels: np.ndarray, size: int | None, rng: np.random.Generator,
+                         balanced: bool = False) -> np.ndarray:
+    """Sorted indices of ``size`` examples with the same label mix as ``labels`` (all if None/too big).
+
+    ``balanced=True`` takes the same number of every label instead (at most ``size // K`` each, and no
+    more than the rarest label has), so that always answering the majority label scores 1/K: with
+    the tweets' 70/30 mix a model that has learnt nothing would already score 70%.
+    """
     classes, totals = np.unique(labels, return_counts=True)
-    keep = largest_remainder_counts(size, totals)
+    if balanced:
+        per = int(totals.min()) if size is None else min(int(totals.min()), size // len(classes))
+        keep = np.full(len(classes), per)
+    elif size is None or size >= len(labels):
+        return np.arange(len(labels), dtype=np.int64)
+    else:
+        keep = largest_remainder_counts(size, totals)
     picked = [rng.choice(np.flatnonzero(labels == c), k, replace=False)
               for c, k in zip(classes, keep)]
     return np.sort(np.concatenate(picked)).astype(np.int64)
@@ -136,13 +146,13 @@ def _text_dataset(texts: Sequence[str], labels: Sequence[int], label_names: list
 
 
 def _split_frame(frame: pd.DataFrame, label_names: list[str], seed: int, test_fraction: float,
-                 max_train: int | None, max_test: int | None,
-                 pair: bool = False) -> tuple[datasets.Dataset, datasets.Dataset]:
+                 max_train: int | None, max_test: int | None, pair: bool = False,
+                 balanced: bool = False) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Stratified train/test split of a (text[, text_pair], label) frame, then optional subsampling."""
     labels = frame["label"].to_numpy(dtype=np.int64)
     train_idx, test_idx = stratified_split(labels, test_fraction, seed)
-    train_idx = train_idx[stratified_subsample(labels[train_idx], max_train, _rng(seed, 1))]
-    test_idx = test_idx[stratified_subsample(labels[test_idx], max_test, _rng(seed, 2))]
+    train_idx = train_idx[stratified_subsample(labels[train_idx], max_train, _rng(seed, 1), balanced)]
+    test_idx = test_idx[stratified_subsample(labels[test_idx], max_test, _rng(seed, 2), balanced)]
 
     def build(idx: np.ndarray) -> datasets.Dataset:
         part = frame.iloc[idx]
@@ -174,13 +184,13 @@ def _tweets_frame(min_confidence: float) -> pd.DataFrame:
     return pd.DataFrame({"text": frame["text"].to_numpy(), "label": label.to_numpy()})
 
 
-def _load_tweets(seed: int, min_confidence: float, test_fraction: float,
-                 max_train: int | None, max_test: int | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+def _load_tweets(seed: int, min_confidence: float, test_fraction: float, max_train: int | None,
+                 max_test: int | None, balanced: bool) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     frame = _tweets_frame(min_confidence)
     if len(frame) < 2:
         raise ConfigError(f"min_confidence={min_confidence:g} leaves {len(frame)} tweets; use a lower value")
     names = ["negative", "positive"]
-    train, test = _split_frame(frame, names, seed, test_fraction, max_train, max_test)
+    train, test = _split_frame(frame, names, seed, test_fraction, max_train, max_test, balanced=balanced)
     return train, test, names
 
 
@@ -204,15 +214,15 @@ def _wiki_articles() -> list[dict[str, str]]:
     return sorted((a for a in articles if a["extract"]), key=lambda a: a["title"])
 
 
-def _load_wiki_topics(seed: int, test_fraction: float, max_train: int | None,
-                      max_test: int | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+def _load_wiki_topics(seed: int, test_fraction: float, max_train: int | None, max_test: int | None,
+                      balanced: bool) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     """Topic classification on the "task" half; 'Uncategorized' has no topic to learn, so it is dropped."""
     articles = [a for a in _wiki_articles()
                 if wiki_half(a["title"]) == "task" and a["topic"] != "Uncategorized"]
     names = sorted({a["topic"] for a in articles})
     frame = pd.DataFrame({"text": [a["extract"] for a in articles],
                           "label": [names.index(a["topic"]) for a in articles]})
-    train, test = _split_frame(frame, names, seed, test_fraction, max_train, max_test)
+    train, test = _split_frame(frame, names, seed, test_fraction, max_train, max_test, balanced=balanced)
     return train, test, names
 
 
@@ -353,16 +363,17 @@ def _label_names(ds: datasets.Dataset, fallback: list[str]) -> list[str]:
     return list(feature.names) if isinstance(feature, datasets.ClassLabel) else list(fallback)
 
 
-def _subsample_dataset(ds: datasets.Dataset, size: int | None, rng: np.random.Generator) -> datasets.Dataset:
-    """Drop unlabeled rows (GLUE marks them -1), then take a stratified subsample."""
+def _subsample_dataset(ds: datasets.Dataset, size: int | None, rng: np.random.Generator,
+                       balanced: bool = False) -> datasets.Dataset:
+    """Drop unlabeled rows (GLUE marks them -1), then take a stratified (or balanced) subsample."""
     labels = np.asarray(ds["label"], dtype=np.int64)
     keep = np.flatnonzero(labels >= 0)
-    keep = keep[stratified_subsample(labels[keep], size, rng)]
+    keep = keep[stratified_subsample(labels[keep], size, rng, balanced)]
     return ds if len(keep) == len(ds) else ds.select(keep)
 
 
-def _load_glue(task: str, seed: int, max_train: int | None,
-               max_test: int | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+def _load_glue(task: str, seed: int, max_train: int | None, max_test: int | None,
+               balanced: bool) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     first, second, test_split, fallback_names = GLUE[task]
     raw = _load_from_hub(task, "nyu-mll/glue", task)
     columns = {first: "text", **({second: "text_pair"} if second else {}), "label": "label"}
@@ -370,19 +381,19 @@ def _load_glue(task: str, seed: int, max_train: int | None,
     def convert(ds: datasets.Dataset) -> datasets.Dataset:
         return ds.select_columns(list(columns)).rename_columns(
             {k: v for k, v in columns.items() if k != v})
-    train = _subsample_dataset(convert(raw["train"]), max_train, _rng(seed, 1))
-    test = _subsample_dataset(convert(raw[test_split]), max_test, _rng(seed, 2))
+    train = _subsample_dataset(convert(raw["train"]), max_train, _rng(seed, 1), balanced)
+    test = _subsample_dataset(convert(raw[test_split]), max_test, _rng(seed, 2), balanced)
     return train, test, _label_names(raw["train"], fallback_names)
 
 
-def _load_cifar10(seed: int, max_train: int | None,
-                  max_test: int | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+def _load_cifar10(seed: int, max_train: int | None, max_test: int | None,
+                  balanced: bool) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     raw = _load_from_hub("cifar10", "uoft-cs/cifar10", None)
 
     def convert(ds: datasets.Dataset) -> datasets.Dataset:
         return ds.select_columns(["img", "label"]).rename_column("img", "image")
-    train = _subsample_dataset(convert(raw["train"]), max_train, _rng(seed, 1))
-    test = _subsample_dataset(convert(raw["test"]), max_test, _rng(seed, 2))
+    train = _subsample_dataset(convert(raw["train"]), max_train, _rng(seed, 1), balanced)
+    test = _subsample_dataset(convert(raw["test"]), max_test, _rng(seed, 2), balanced)
     return train, test, _label_names(raw["train"], CIFAR10_LABELS)
 
 
@@ -405,8 +416,8 @@ def _labels_to_ids(values: pd.Series) -> tuple[np.ndarray, list[str]]:
     return ids.reshape(-1).astype(np.int64), [str(u) for u in uniques]
 
 
-def _load_local(path: Path, seed: int, test_fraction: float, max_train: int | None,
-                max_test: int | None) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+def _load_local(path: Path, seed: int, test_fraction: float, max_train: int | None, max_test: int | None,
+                balanced: bool) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
     frame = _read_table(path)
     for column in ("text", "label"):
         if column not in frame.columns:
@@ -422,7 +433,8 @@ def _load_local(path: Path, seed: int, test_fraction: float, max_train: int | No
         raise ConfigError(f"{path} has {len(frame)} usable rows (non-empty text and a label); need >= 2")
     ids, names = _labels_to_ids(frame["label"])
     frame = frame.assign(label=ids)
-    train, test = _split_frame(frame, names, seed, test_fraction, max_train, max_test, pair=pair)
+    train, test = _split_frame(frame, names, seed, test_fraction, max_train, max_test, pair=pair,
+                               balanced=balanced)
     return train, test, names
 
 
@@ -434,13 +446,14 @@ def _file_digest(path: Path) -> str:
 
 def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.0,
               test_fraction: float = 0.2, max_train: int | None = None,
-              max_test: int | None = None) -> TaskData:
+              max_test: int | None = None, balanced: bool = False) -> TaskData:
     """Load a task by name (see TASKS) or from a .csv/.jsonl path, split and subsampled by ``seed``.
 
     ``min_confidence`` applies to tweets only (rows without a confidence value are dropped as soon as
     it is > 0); ``test_fraction`` to tasks without an official test split (tweets, wiki-topics,
     local files). Hub tasks use their validation split as test. ``max_train``/``max_test`` take a
-    seeded, stratified subsample, handy for quick runs on a CPU.
+    seeded, stratified subsample, handy for quick runs on a CPU; ``balanced=True`` takes equally many
+    examples of every label instead (train and test), so chance level is 1/K.
     """
     check_range("test_fraction", test_fraction, 0, 1, lo_open=True, hi_open=True)
     check_range("min_confidence", min_confidence, 0, 1)
@@ -451,16 +464,18 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
             check_range(name, value, 1, None)
     options = {"seed": seed, "min_confidence": min_confidence, "test_fraction": test_fraction,
                "max_train": max_train, "max_test": max_test, "version": CACHE_VERSION}
+    if balanced:
+        options["balanced"] = True
 
     modality = "text"
     if task == "tweets":
-        train, test, names = _load_tweets(seed, min_confidence, test_fraction, max_train, max_test)
+        train, test, names = _load_tweets(seed, min_confidence, test_fraction, max_train, max_test, balanced)
     elif task == "wiki-topics":
-        train, test, names = _load_wiki_topics(seed, test_fraction, max_train, max_test)
+        train, test, names = _load_wiki_topics(seed, test_fraction, max_train, max_test, balanced)
     elif task in GLUE:
-        train, test, names = _load_glue(task, seed, max_train, max_test)
+        train, test, names = _load_glue(task, seed, max_train, max_test, balanced)
     elif task == "cifar10":
-        train, test, names = _load_cifar10(seed, max_train, max_test)
+        train, test, names = _load_cifar10(seed, max_train, max_test, balanced)
         modality = "image"
     else:
         path = Path(str(task)).expanduser()
@@ -468,7 +483,7 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
             allowed = ", ".join(repr(t) for t in TASKS)
             raise ConfigError(f"task must be one of {allowed}, or a path to an existing .csv/.jsonl "
                               f"file, got {task!r}")
-        train, test, names = _load_local(path, seed, test_fraction, max_train, max_test)
+        train, test, names = _load_local(path, seed, test_fraction, max_train, max_test, balanced)
         fingerprint = config_key({"task": str(path.resolve()), "sha1": _file_digest(path), **options})
         return TaskData(path.stem, train, test, names, LOCAL_MAX_LENGTH, "text", fingerprint)
     return TaskData(task, train, test, names, MAX_LENGTH[task], modality,

@@ -32,12 +32,13 @@ class DataConfig:
     convention: str = "flgo"
     max_train: int | None = 2000     # 100 examples per client: a workshop-size federation
     max_test: int | None = 400
+    balanced: bool = True            # equal labels in train and test (SST-2-like): chance = 50%, not the 70% majority
     public: str = "sentences"        # "sentences": one [CLS] sentence [SEP] per row; "blocks": BERT-style packed text
     public_blocks: int = 4096
     block_size: int = 32
     probe_batches: int = 2
     probe_batch_size: int = 16
-    eval_batch_size: int = 128
+    eval_batch_size: int = 32        # bench: same predictions as 128, ~20% faster on a 2-core CPU (less padding)
     seed: int = 0
 
 
@@ -69,7 +70,8 @@ def _length_sorted_batches(split: "data.EncodedSplit", batch_size: int, pad_id: 
 def prepare(cfg: DataConfig, fm: nn.Module | None = None) -> Workspace:
     """Load FM, task, split and public corpus for ``cfg`` (pass ``fm`` to reuse an already loaded one)."""
     paths.set_offline_env()
-    task = data.load_task(cfg.task, seed=cfg.seed, max_train=cfg.max_train, max_test=cfg.max_test)
+    task = data.load_task(cfg.task, seed=cfg.seed, max_train=cfg.max_train, max_test=cfg.max_test,
+                          balanced=cfg.balanced)
     fm = fm if fm is not None else models.load_fm(cfg.fm, num_labels=task.num_labels, seed=cfg.seed)
     pre = models.load_preprocessor(cfg.fm)
     train, test = data.encode_task(task, pre)

@@ -85,6 +85,18 @@ def test_max_train_and_max_test_subsample_stratified():
     assert np.mean(small.train["label"]) == pytest.approx(np.mean(full.train["label"]), abs=0.01)
 
 
+def test_balanced_takes_equal_labels_from_the_same_split(tweets):
+    small = load_task("tweets", max_train=300, max_test=101, seed=3, balanced=True)
+    assert np.bincount(small.train["label"]).tolist() == [150, 150]
+    assert np.bincount(small.test["label"]).tolist() == [50, 50]        # 101 // 2 per label
+    full = load_task("tweets", seed=3)
+    assert set(small.train["text"]) <= set(full.train["text"]) and set(small.test["text"]) <= set(full.test["text"])
+    everything = load_task("tweets", seed=3, balanced=True)              # no cap: as many as the rarer label has
+    counts = np.bincount(everything.train["label"])
+    assert counts[0] == counts[1] == min(np.bincount(full.train["label"]))
+    assert everything.fingerprint != full.fingerprint
+
+
 # ----------------------------------------------------------------------------- Wikipedia
 
 def test_wiki_topics_is_disjoint_from_public_corpus():
