@@ -31,6 +31,8 @@ def _add_data_args(p: argparse.ArgumentParser, clients_default: int | None = Non
     p.add_argument("--max-train", type=int, default=d.max_train, help="training examples used (all clients)")
     p.add_argument("--max-test", type=int, default=d.max_test, help="test examples used for evaluation")
     p.add_argument("--public-blocks", type=int, default=d.public_blocks, help="public-corpus blocks for distillation")
+    p.add_argument("--no-balance", dest="balanced", action="store_false",
+                   help="keep the task's own label mix (default: equally many examples of every label)")
     if clients_default is not None:
         p.add_argument("--clients", type=int, default=clients_default)
         p.add_argument("--partition", choices=("iid", "dirichlet"), default=d.partition)
@@ -56,7 +58,7 @@ def _data_config(a: argparse.Namespace):
     from .workspace import DataConfig
 
     kw = dict(fm=a.fm, task=a.data or a.task, max_train=a.max_train, max_test=a.max_test,
-              public_blocks=a.public_blocks, seed=a.seed)
+              public_blocks=a.public_blocks, balanced=a.balanced, seed=a.seed)
     for name in ("clients", "partition", "alpha", "convention"):
         if hasattr(a, name):
             kw[name] = getattr(a, name)
@@ -69,7 +71,8 @@ def _fed_config(a: argparse.Namespace, method: str | None = None):
     from .federation import FedConfig
 
     return FedConfig(method=method or a.method, data=_data_config(a), sample_fraction=a.sample_fraction,
-                     rounds=a.rounds, local_epochs=a.local_epochs, lr=a.lr, keep_ratio=a.keep_ratio,
+                     rounds=a.rounds, local_epochs=a.local_epochs, batch_size=a.batch_size, lr=a.lr,
+                     keep_ratio=a.keep_ratio,
                      retained_layers=a.retained_layers, selection=a.selection, distill_steps=a.distill_steps,
                      align_interval=a.align_interval, align_proportion=a.align_proportion,
                      align_steps=a.align_steps, align_rule=a.align_rule, lora_rank=a.lora_rank, seed=a.seed)
@@ -84,6 +87,7 @@ def _add_fed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-fraction", type=float, default=f.sample_fraction, help="clients sampled per round, (0, 1]")
     p.add_argument("--rounds", type=int, default=f.rounds)
     p.add_argument("--local-epochs", type=int, default=f.local_epochs)
+    p.add_argument("--batch-size", type=int, default=f.batch_size, help="client batch size")
     p.add_argument("--lr", type=float, default=f.lr, help="initial client learning rate (linear decay over rounds)")
     p.add_argument("--lora-rank", type=int, default=f.lora_rank)
     p.add_argument("--align-interval", type=int, default=f.align_interval, help="t: align every t rounds")

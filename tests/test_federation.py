@@ -50,6 +50,10 @@ def test_fedpft_n_with_keep_one_reproduces_fedpetuning(tiny_ws, tiny_data_config
     for ra, rb in zip(a["rounds"], b["rounds"]):
         assert ra["accuracy"] == rb["accuracy"] and ra["sub_accuracy"] == rb["sub_accuracy"]
         assert rb["grad_cosine"] == pytest.approx(1.0, abs=1e-6) and rb["grad_rel_l2"] == pytest.approx(0, abs=1e-5)
+        # FedPETuning skips measuring its proxy (an exact FM copy); the measured keep-1.0 values back that up
+        for key in ("layer_cosine", "layer_rel_l2", "hidden_rel_mse"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-5)
+        assert ra["logit_kl"] == pytest.approx(rb["logit_kl"], abs=1e-6)
     assert a["params"]["fm_transformer"] == b["params"]["sub_transformer"]
 
 
@@ -137,3 +141,24 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny_ws, tiny_data_config, 
 def test_bad_config(tiny_data_config, kw, match):
     with pytest.raises(ConfigError, match=match):
         _cfg(tiny_data_config, **kw)
+
+
+def test_evaluation_batch_size_does_not_change_predictions(minilm, tokenizer):
+    """The default eval batch went 128 -> 32 for speed; on the real FM every prediction must stay the same."""
+    from fedpft_lab import data
+    from fedpft_lab.workspace import _length_sorted_batches
+
+    task = data.load_task("tweets", seed=0, max_train=8, max_test=160, balanced=True)
+    _, test = data.encode_task(task, tokenizer)
+
+    def predictions(batch_size: int) -> dict[tuple, int]:
+        out = {}
+        with torch.no_grad():
+            for b in _length_sorted_batches(test, batch_size, tokenizer.pad_token_id):
+                pred = minilm(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1)
+                for ids, mask, p in zip(b["input_ids"], b["attention_mask"], pred):
+                    out[tuple(ids[mask.bool()].tolist())] = int(p)
+        return out
+
+    big, small = predictions(128), predictions(32)
+    assert len(big) > 100 and big == small
