@@ -415,7 +415,8 @@ def test_distill_panel_streams_the_loss_and_draws_gaps(tiny_lab):
     assert len(gaps.data[0].y) == len(cfg.sub_config().compressed(4)) and gaps.data[1].y[0] is not None
     assert "logit KL" in gaps.layout.title.text
     first = list(loss.data[0].y)
-    panel.controls[3].value = False                                     # the official code's matched layers
+    assert panel.controls[3].value is False                             # default: the official code's matched layers
+    panel.controls[3].value = True                                      # ... plus the last layer's output
     panel.start_button.click()
     assert panel.run.join(timeout=120) and panel.run.error is None
     assert len(loss.data[0].y) == 5 and list(loss.data[0].y) != first
