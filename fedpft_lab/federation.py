@@ -349,7 +349,10 @@ def cached_run(cfg: FedConfig, ws: Workspace | None = None, progress: bool = Tru
     """
     from . import paths
 
-    out = paths.cache_dir() / "runs" / f"{cfg.method}-{paths.config_key(cfg.to_json())}"
+    # the key also covers library-level choices that FedConfig does not name (e.g. which layers distillation matches)
+    key = paths.config_key({"config": cfg.to_json(), "distill": asdict(cfg.distill_config()),
+                            "align": asdict(cfg.align_config(1))})
+    out = paths.cache_dir() / "runs" / f"{cfg.method}-{key}"
     done = out / "metrics.json"
     if done.exists():
         metrics = json.loads(done.read_text())
