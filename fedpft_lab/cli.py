@@ -31,8 +31,11 @@ def _add_data_args(p: argparse.ArgumentParser, clients_default: int | None = Non
     p.add_argument("--max-train", type=int, default=d.max_train, help="training examples used (all clients)")
     p.add_argument("--max-test", type=int, default=d.max_test, help="test examples used for evaluation")
     p.add_argument("--public-blocks", type=int, default=d.public_blocks, help="public-corpus blocks for distillation")
-    p.add_argument("--no-balance", dest="balanced", action="store_false",
-                   help="keep the task's own label mix (default: equally many examples of every label)")
+    balance = p.add_mutually_exclusive_group()
+    balance.add_argument("--balance", dest="balanced", action="store_true", default=None,
+                         help="take equally many examples of every label (default for tweets only)")
+    balance.add_argument("--no-balance", dest="balanced", action="store_false", default=None,
+                         help="keep the task's own label mix")
     if clients_default is not None:
         p.add_argument("--clients", type=int, default=clients_default)
         p.add_argument("--partition", choices=("iid", "dirichlet"), default=d.partition)

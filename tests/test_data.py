@@ -326,3 +326,13 @@ def test_public_sentences_are_single_unpadded_sentences(monkeypatch, tmp_path):
     assert (rows[:, 0] == tok.cls_token_id).all() and (rows[:, -1] == tok.sep_token_id).all()
     assert ((rows[:, 1:-1] == tok.cls_token_id) | (rows[:, 1:-1] == tok.pad_token_id)).sum() == 0
     assert torch.equal(rows, data.public_corpus_sentences(tok, length=24, max_blocks=50, seed=0))  # cache
+
+
+def test_balancing_is_on_by_default_for_the_tweets_only():
+    from fedpft_lab.cli import build_parser
+    from fedpft_lab.workspace import DataConfig
+
+    assert DataConfig().use_balanced and not DataConfig(task="wiki-topics").use_balanced
+    assert DataConfig(task="wiki-topics", balanced=True).use_balanced and not DataConfig(balanced=False).use_balanced
+    parse = build_parser().parse_args
+    assert [parse(["run", *flag]).balanced for flag in ([], ["--balance"], ["--no-balance"])] == [None, True, False]
