@@ -35,10 +35,6 @@ class DataConfig:
     # Equal examples of every label in train and test? None = the task's default: yes for the tweets (SST-2-like,
     # chance 50% instead of their 70% majority), no elsewhere (balancing wiki-topics would drop 2,000 to 1,144).
     balanced: bool | None = None
-
-    @property
-    def use_balanced(self) -> bool:
-        return self.balanced if self.balanced is not None else self.task == "tweets"
     public: str = "sentences"        # "sentences": one [CLS] sentence [SEP] per row; "blocks": BERT-style packed text
     public_blocks: int = 4096
     block_size: int = 32
@@ -46,6 +42,10 @@ class DataConfig:
     probe_batch_size: int = 16
     eval_batch_size: int = 32        # bench: same predictions as 128, ~20% faster on a 2-core CPU (less padding)
     seed: int = 0
+
+    @property
+    def use_balanced(self) -> bool:
+        return self.balanced if self.balanced is not None else self.task == "tweets"
 
 
 @dataclass
