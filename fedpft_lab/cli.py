@@ -78,7 +78,8 @@ def _fed_config(a: argparse.Namespace, method: str | None = None):
                      keep_ratio=a.keep_ratio,
                      retained_layers=a.retained_layers, selection=a.selection, distill_steps=a.distill_steps,
                      align_interval=a.align_interval, align_proportion=a.align_proportion,
-                     align_steps=a.align_steps, align_rule=a.align_rule, lora_rank=a.lora_rank, seed=a.seed)
+                     align_steps=a.align_steps, align_rule=a.align_rule, lora_rank=a.lora_rank,
+                     dropout=a.dropout, seed=a.seed)
 
 
 def _add_fed_args(p: argparse.ArgumentParser) -> None:
@@ -93,11 +94,16 @@ def _add_fed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=f.batch_size, help="client batch size")
     p.add_argument("--lr", type=float, default=f.lr, help="initial client learning rate (linear decay over rounds)")
     p.add_argument("--lora-rank", type=int, default=f.lora_rank)
+    p.add_argument("--dropout", action="store_true", default=f.dropout,
+                   help="train clients with dropout (LoRA 0.1 + the FM's own), as the official code; slower")
     p.add_argument("--align-interval", type=int, default=f.align_interval, help="t: align every t rounds")
     p.add_argument("--align-proportion", type=float, default=f.align_proportion,
                    help="p: fraction of each compressed FFN's neurons updated at an alignment, (0, 1]")
     p.add_argument("--align-steps", type=int, default=f.align_steps)
     p.add_argument("--align-rule", choices=("mean-abs", "apoz"), default=f.align_rule)
+    p.add_argument("--workers", type=int, default=None,
+                   help="clients trained at the same time, one thread each (default: torch's thread count); "
+                        "results do not depend on it")
 
 
 # --------------------------------------------------------------------------- inspect
@@ -165,7 +171,7 @@ def cmd_run(a: argparse.Namespace) -> dict:
 
     cfg = _fed_config(a)
     out = Path(a.out)
-    metrics = run(cfg, out_dir=out, resume=a.resume, progress=not a.quiet)
+    metrics = run(cfg, out_dir=out, resume=a.resume, progress=not a.quiet, workers=a.workers)
     if not a.quiet:
         print_run_table(metrics)
         print(f"results: {out / 'metrics.json'}")
@@ -190,7 +196,8 @@ def cmd_compare(a: argparse.Namespace) -> dict:
     from .compare import compare, format_table
 
     base = _fed_config(a, method=a.methods[0])
-    table = compare(base, a.methods, a.seeds, out_dir=Path(a.out), resume=a.resume, progress=not a.quiet)
+    table = compare(base, a.methods, a.seeds, out_dir=Path(a.out), resume=a.resume, progress=not a.quiet,
+                    workers=a.workers)
     if not a.quiet:
         print(format_table(table))
         print(f"results: {Path(a.out) / 'compare.json'}")

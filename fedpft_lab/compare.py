@@ -15,7 +15,7 @@ from .workspace import prepare
 
 
 def compare(base: FedConfig, methods: list[str], seeds: list[int], out_dir: Path | None = None,
-            resume: bool = False, progress: bool = True) -> dict:
+            resume: bool = False, progress: bool = True, workers: int | None = None) -> dict:
     """Run every method for every seed; return (and write to ``out_dir/compare.json``) the table."""
     runs: dict[str, dict[int, dict]] = {m: {} for m in methods}
     for seed in seeds:
@@ -29,7 +29,7 @@ def compare(base: FedConfig, methods: list[str], seeds: list[int], out_dir: Path
                 metrics = json.loads((sub / "metrics.json").read_text())
                 done = len(metrics["rounds"]) == cfg.rounds + 1 and metrics["config"] == cfg.to_json()
             if not done:
-                metrics = run(cfg, ws, out_dir=sub, resume=resume, progress=progress)
+                metrics = run(cfg, ws, out_dir=sub, resume=resume, progress=progress, workers=workers)
             runs[method][seed] = metrics
     table = summarise(runs)
     if out_dir is not None:

@@ -8,15 +8,19 @@ One round, as the server sees it::
     server: FedAvg weighted by example counts -> plug the adapter into the FM and evaluate
             every t rounds (FedPFT, FedPFT-D): neuron-level alignment of its proxy copy -> W_fro package
 
-Clients are simulated one after another on one "device" model. Each starts from the server's message
-alone (global adapter, fresh optimiser, seeded by (seed, round, client)), so no client sees another's
-state; a test checks that a client's update does not depend on who trained before it.
+Clients are simulated on a few "device" models, as many at a time as there are cores, each on one thread.
+Each starts from the server's message alone (global adapter, fresh optimiser, seeded by (seed, round,
+client)), so no client sees another's state; tests check that a client's update depends neither on who
+trained before it nor on how many clients trained at once.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapters, align, data, models, subfm
+from . import adapters, align, data, models, parallel, subfm
 from .discrepancy import gradient_discrepancy
 from .distill import DistillConfig
 from .errors import ConfigError, check_choice, check_range
@@ -56,7 +60,8 @@ class FedConfig:
     max_grad_norm: float = 1.0
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
+    lora_dropout: float = 0.1            # used only when ``dropout`` is on
+    dropout: bool = False                # client training in train mode (LoRA + the FM's own dropout), as the official code
     keep_ratio: float = 0.25
     retained_layers: tuple[int, ...] | None = None
     selection: str = "saliency"
@@ -149,11 +154,14 @@ def with_method(cfg: FedConfig, method: str) -> FedConfig:
 
 @dataclass
 class Setup:
-    """The server's FM (with LoRA, for plug-in/eval), its proxy copy, and the clients' device proxy."""
+    """The server's FM (with LoRA, for plug-in/eval), its proxy copy, and the clients' device proxies.
+
+    ``devices`` holds one proxy per client trained at the same time; they all carry the same frozen weights.
+    """
 
     fm: nn.Module
     server_proxy: nn.Module
-    device_proxy: nn.Module
+    devices: list[nn.Module]
     proxy_layers: list[int] | None       # layer-drop: proxy layer j comes from FM layer proxy_layers[j]
     compressed: list[int]                # sub-FM layers whose FFN was compressed
     init_state: dict[str, torch.Tensor]  # A_0 in FM naming
@@ -161,6 +169,12 @@ class Setup:
     fm_params: int
     proxy_params: int
     proxy_is_fm: bool = False            # FedPETuning: proxy == FM, so its accuracy/discrepancy need no evaluation
+
+    def ensure_devices(self, n: int) -> list[nn.Module]:
+        """At least ``n`` device proxies, new ones copied from the first (frozen weights included)."""
+        while len(self.devices) < n:
+            self.devices.append(copy.deepcopy(self.devices[0]))
+        return self.devices[:n]
 
 
 def build_setup(cfg: FedConfig, ws: Workspace, progress: bool = True, stop: threading.Event | None = None) -> Setup:
@@ -184,9 +198,9 @@ def build_setup(cfg: FedConfig, ws: Workspace, progress: bool = True, stop: thre
     proxy_ids = ([j for j, i in enumerate(proxy_layers) if i in adapter_layers] if proxy_layers is not None
                  else adapter_layers)
     server_proxy = adapters.add_lora(proxy, lora, proxy_ids, seed=cfg.seed)
-    device_proxy = copy.deepcopy(server_proxy)
+    devices = [copy.deepcopy(server_proxy)]
     init_state = adapters.adapter_state(fm)
-    return Setup(fm, server_proxy, device_proxy, proxy_layers, compressed, init_state, loss, fm_params, proxy_params,
+    return Setup(fm, server_proxy, devices, proxy_layers, compressed, init_state, loss, fm_params, proxy_params,
                  proxy_is_fm=cfg.proxy_kind == "fm")
 
 
@@ -220,12 +234,17 @@ class ClientUpdate:
 
 def local_train(model: nn.Module, split: "data.EncodedSplit", epochs: int, batch_size: int, lr: float,
                 max_grad_norm: float, seed: int, pad_id: int,
-                recorder: align.ActivationRecorder | None = None) -> None:
-    """E epochs of AdamW on the client's shard (fresh optimiser, constant lr within the round)."""
+                recorder: align.ActivationRecorder | None = None, dropout: bool = False) -> None:
+    """E epochs of AdamW on the client's shard (fresh optimiser, constant lr within the round).
+
+    ``dropout=False`` trains in eval mode: no dropout anywhere, so a client's update is a pure function of its
+    inputs. Drawing dropout masks (``bernoulli_``) costs about a fifth of a CPU training step at this size.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    torch.manual_seed(seed)  # dropout masks
+    model.train(dropout)
+    if dropout:
+        torch.manual_seed(seed)  # dropout masks
     for epoch in range(epochs):
         for batch in data.iterate_batches(split, batch_size, shuffle=True, seed=seed + epoch, pad_id=pad_id):
             if recorder is not None:
@@ -241,28 +260,52 @@ def local_train(model: nn.Module, split: "data.EncodedSplit", epochs: int, batch
 
 
 def client_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int,
-                  global_state: dict[str, torch.Tensor], record_stats: bool) -> ClientUpdate:
-    """One client's round: load the global adapter into the device proxy, train, return the update."""
+                  global_state: dict[str, torch.Tensor], record_stats: bool,
+                  device: nn.Module | None = None) -> ClientUpdate:
+    """One client's round: load the global adapter into a device proxy, train, return the update."""
     t0 = time.perf_counter()
-    model = setup.device_proxy
+    model = device if device is not None else setup.devices[0]
     adapters.load_adapter_state(model, to_proxy_names(global_state, setup.proxy_layers))
     shard = ws.train.subset(ws.parts[client])
     seed = (cfg.seed * 1_000_003 + rnd * 1009 + client) % 2**31
     recorder = align.ActivationRecorder(model, setup.compressed) if record_stats and setup.compressed else None
-    if recorder is not None:
-        with recorder:
-            local_train(model, shard, cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd), cfg.max_grad_norm,
-                        seed, ws.pad_id, recorder)
-    else:
-        local_train(model, shard, cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd), cfg.max_grad_norm, seed, ws.pad_id)
+    with recorder if recorder is not None else contextlib.nullcontext():
+        local_train(model, shard, cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd), cfg.max_grad_norm,
+                    seed, ws.pad_id, recorder, dropout=cfg.dropout)
     state = to_fm_names(adapters.adapter_state(model), setup.proxy_layers)
     return ClientUpdate(client, state, len(shard), recorder.stats if recorder else {}, time.perf_counter() - t0)
+
+
+def train_clients(cfg: FedConfig, setup: Setup, ws: Workspace, clients: list[int], rnd: int,
+                  global_state: dict[str, torch.Tensor], record_stats: bool,
+                  workers: int | None = None) -> list[ClientUpdate]:
+    """Every sampled client's round, up to ``workers`` clients at a time, each on one thread with its own
+    device proxy (see :mod:`fedpft_lab.parallel`); the updates do not depend on ``workers``.
+
+    With ``cfg.dropout`` the clients take turns: dropout masks come from torch's one global random generator.
+    """
+    workers = 1 if cfg.dropout else max(1, min(workers or parallel.default_workers(), len(clients)))
+    free: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
+    for device in setup.ensure_devices(workers):
+        free.put(device)
+
+    def job(client: int) -> Callable[[], ClientUpdate]:
+        def train() -> ClientUpdate:
+            device = free.get()
+            try:
+                return client_update(cfg, setup, ws, client, rnd, global_state, record_stats, device)
+            finally:
+                free.put(device)
+        return train
+
+    return parallel.run_jobs([job(k) for k in clients], workers)
 
 
 # --------------------------------------------------------------------------- server side
 
 @torch.no_grad()
-def accuracy(model: nn.Module, batches: list[dict]) -> float:
+def count_correct(model: nn.Module, batches: list[dict]) -> tuple[int, int]:
+    """(correct predictions, examples) of ``model`` in eval mode on labelled ``batches``."""
     model.eval()
     correct = total = 0
     for batch in batches:
@@ -270,6 +313,11 @@ def accuracy(model: nn.Module, batches: list[dict]) -> float:
         pred = model(**inputs).logits.argmax(-1)
         correct += int((pred == batch["labels"]).sum())
         total += len(pred)
+    return correct, total
+
+
+def accuracy(model: nn.Module, batches: list[dict]) -> float:
+    correct, total = count_correct(model, batches)
     return correct / max(1, total)
 
 
@@ -280,16 +328,50 @@ def sample_clients(cfg: FedConfig) -> list[list[int]]:
     return [sorted(rng.choice(cfg.data.clients, size=k, replace=False).tolist()) for _ in range(cfg.rounds)]
 
 
-def _discrepancy(setup: Setup, ws: Workspace, state: dict[str, torch.Tensor]) -> dict:
+def _discrepancy(setup: Setup, ws: Workspace) -> dict:
+    """Gradient discrepancy of the adapters already loaded in the FM and the server's proxy."""
     if setup.proxy_is_fm:  # FedPETuning: the proxy is an exact copy of the FM, nothing to measure
         n = models.num_layers(setup.fm)
         return {"grad_cosine": 1.0, "grad_rel_l2": 0.0, "layer_cosine": [1.0] * n, "layer_rel_l2": [0.0] * n,
                 "hidden_rel_mse": [0.0] * n, "logit_kl": 0.0}
-    d = gradient_discrepancy(setup.fm, setup.server_proxy, ws.probe_batches, state=state,
-                             proxy_layers=setup.proxy_layers)
+    d = gradient_discrepancy(setup.fm, setup.server_proxy, ws.probe_batches, proxy_layers=setup.proxy_layers)
     return {"grad_cosine": d.cosine, "grad_rel_l2": d.rel_l2,
             "layer_cosine": [x["cosine"] for x in d.per_layer], "layer_rel_l2": [x["rel_l2"] for x in d.per_layer],
             "hidden_rel_mse": d.hidden_rel_mse, "logit_kl": d.logit_kl}
+
+
+def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor], workers: int | None = None,
+             fm: bool = True) -> dict:
+    """The round's measurements of ``global_state``: plug-in accuracy of the FM (``fm=False`` skips it), the
+    proxy's own accuracy and the gradient discrepancy between the two.
+
+    Evaluation costs nearly as many FLOPs as a round of client training (300 test examples through two models
+    against 600 training examples through the proxy), so it runs side by side like the clients: the test
+    batches are dealt out in small chunks per model, one job each, plus one job for the discrepancy. Every job
+    is single-threaded, so the numbers do not depend on ``workers``.
+    """
+    if fm:
+        adapters.load_adapter_state(setup.fm, global_state, strict=False)
+    adapters.load_adapter_state(setup.server_proxy, to_proxy_names(global_state, setup.proxy_layers))
+    setup.fm.eval(), setup.server_proxy.eval()  # before the jobs start: they share these models read-only
+    workers = max(1, workers or parallel.default_workers())
+    to_score = ({"accuracy": setup.fm} if fm else {}) | ({} if setup.proxy_is_fm else {"sub_accuracy": setup.server_proxy})
+    n_chunks = 1 if workers == 1 else 2 * workers  # small chunks balance the load between the workers
+    jobs: list[Callable[[], object]] = [lambda: _discrepancy(setup, ws)]
+    keys: list[str] = ["discrepancy"]
+    for key, model in to_score.items():
+        for i in range(n_chunks):
+            if ws.test_batches[i::n_chunks]:
+                jobs.append(functools.partial(count_correct, model, ws.test_batches[i::n_chunks]))
+                keys.append(key)
+    results = parallel.run_jobs(jobs, workers)
+    out: dict = dict(results[0])
+    for key in to_score:
+        counts = [r for k, r in zip(keys, results) if k == key]
+        out[key] = sum(c for c, _ in counts) / max(1, sum(t for _, t in counts))
+    if setup.proxy_is_fm and fm:
+        out["sub_accuracy"] = out["accuracy"]
+    return out
 
 
 def _atomic_json(obj: dict, path: Path) -> None:
@@ -331,17 +413,21 @@ def summary(cfg: FedConfig, setup: Setup, records: list[dict]) -> dict:
 
 def run(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike | None = None,
         resume: bool = False, progress: bool = True, stop: threading.Event | None = None,
-        on_round: Callable[[dict], None] | None = None) -> dict:
-    """Run ``cfg`` to the end (or until ``stop`` is set) and return the metrics dict (see :func:`summary`)."""
+        on_round: Callable[[dict], None] | None = None, workers: int | None = None) -> dict:
+    """Run ``cfg`` to the end (or until ``stop`` is set) and return the metrics dict (see :func:`summary`).
+
+    ``workers``: clients trained at the same time (default: torch's thread count); results do not depend on it.
+    """
     result: dict = {}
-    for result in iterate(cfg, ws, out_dir, resume, progress, stop):
+    for result in iterate(cfg, ws, out_dir, resume, progress, stop, workers):
         if on_round is not None:
             on_round(result["rounds"][-1])
     return result
 
 
 def cached_run(cfg: FedConfig, ws: Workspace | None = None, progress: bool = True,
-               stop: threading.Event | None = None, on_round: Callable[[dict], None] | None = None) -> dict:
+               stop: threading.Event | None = None, on_round: Callable[[dict], None] | None = None,
+               workers: int | None = None) -> dict:
     """:func:`run` with its results kept under the cache, keyed by the configuration.
 
     The labs call this so a run finished in one notebook (or an interrupted one) is reused, not redone:
@@ -361,16 +447,19 @@ def cached_run(cfg: FedConfig, ws: Workspace | None = None, progress: bool = Tru
                 for r in metrics["rounds"]:
                     on_round(r)
             return metrics
-    return run(cfg, ws, out_dir=out, resume=True, progress=progress, stop=stop, on_round=on_round)
+    return run(cfg, ws, out_dir=out, resume=True, progress=progress, stop=stop, on_round=on_round, workers=workers)
 
 
 def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike | None = None,
-            resume: bool = False, progress: bool = True, stop: threading.Event | None = None) -> Iterator[dict]:
+            resume: bool = False, progress: bool = True, stop: threading.Event | None = None,
+            workers: int | None = None) -> Iterator[dict]:
     """The round loop as a generator: yields the metrics dict after every round (round 0 = before FL).
 
     With ``out_dir``, ``metrics.json`` and ``checkpoint.pt`` are rewritten atomically after every round, so an
     interrupted run keeps everything it finished and ``resume=True`` continues it bit for bit.
     """
+    if workers is not None:
+        check_range("workers", workers, 1, None)
     ws = ws if ws is not None else prepare(cfg.data)
     if ws.cfg != cfg.data:
         raise ConfigError("the workspace was prepared for a different data configuration than cfg.data")
@@ -391,7 +480,7 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
             if stop is not None and stop.is_set():
                 break
             rnd = state.next_round
-            record = _round(cfg, setup, ws, state, rnd, schedule[rnd - 1] if rnd > 0 else [])
+            record = _round(cfg, setup, ws, state, rnd, schedule[rnd - 1] if rnd > 0 else [], workers)
             state.records.append(record)
             state.next_round += 1
             metrics = summary(cfg, setup, state.records)
@@ -405,7 +494,8 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
         bar.close()
 
 
-def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: int, clients: list[int]) -> dict:
+def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: int, clients: list[int],
+           workers: int | None = None) -> dict:
     """One communication round (``rnd == 0``: evaluate A_0 only, the reference point of every curve)."""
     t0 = time.perf_counter()
     record: dict = {"round": rnd, "clients": clients, "lr": cfg.lr_at(rnd) if rnd else 0.0, "aligned": False,
@@ -413,22 +503,18 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
     if rnd > 0:
         pkg_bytes = adapters.nbytes(state.package)
         if state.package:  # the W_fro package rides along with this round's broadcast
-            align.apply_weight_package(models.unwrap(setup.device_proxy), state.package)
+            for device in setup.devices:
+                align.apply_weight_package(models.unwrap(device), state.package)
             state.package = {}
         aligning = cfg.aligns_in(rnd)
-        updates = [client_update(cfg, setup, ws, k, rnd, state.global_state, aligning) for k in clients]
+        updates = train_clients(cfg, setup, ws, clients, rnd, state.global_state, aligning, workers)
         down = adapters.nbytes(to_proxy_names(state.global_state, setup.proxy_layers))
         record["bytes_down"] = len(clients) * (down + pkg_bytes)
         record["bytes_up"] = sum(u.nbytes() for u in updates)
         record["client_seconds"] = sum(u.seconds for u in updates)
         state.global_state = adapters.fedavg([u.adapter for u in updates], [u.num_examples for u in updates])
     t_eval = time.perf_counter()
-    adapters.load_adapter_state(setup.fm, state.global_state, strict=False)
-    record["accuracy"] = accuracy(setup.fm, ws.test_batches)
-    adapters.load_adapter_state(setup.server_proxy, to_proxy_names(state.global_state, setup.proxy_layers))
-    record["sub_accuracy"] = (record["accuracy"] if setup.proxy_is_fm
-                              else accuracy(setup.server_proxy, ws.test_batches))
-    record.update(_discrepancy(setup, ws, state.global_state))
+    record.update(evaluate(setup, ws, state.global_state, workers))
     record["eval_seconds"] = time.perf_counter() - t_eval
     if rnd > 0 and cfg.aligns_in(rnd):
         t_align = time.perf_counter()
@@ -441,8 +527,7 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
         record["align_seconds"] = time.perf_counter() - t_align
         before = {k: record[k] for k in ("grad_cosine", "grad_rel_l2", "layer_cosine", "sub_accuracy")}
         record["before_align"] = before
-        record.update(_discrepancy(setup, ws, state.global_state))
-        record["sub_accuracy"] = accuracy(setup.server_proxy, ws.test_batches)
+        record.update(evaluate(setup, ws, state.global_state, workers, fm=False))
     record["seconds"] = time.perf_counter() - t0
     return record
 
@@ -453,7 +538,7 @@ def _save(out: Path, cfg: FedConfig, setup: Setup, state: RunState, metrics: dic
     atomic_save({"config": json.dumps(cfg.to_json(), sort_keys=True), "next_round": state.next_round,
                  "global_state": state.global_state, "package": state.package,
                  "server_ffn": ffn_state(models.unwrap(setup.server_proxy), setup.compressed),
-                 "device_ffn": ffn_state(models.unwrap(setup.device_proxy), setup.compressed),
+                 "device_ffn": ffn_state(models.unwrap(setup.devices[0]), setup.compressed),
                  "records": json.dumps(state.records)}, out / "checkpoint.pt")
     _atomic_json(metrics, out / "metrics.json")
 
@@ -464,6 +549,7 @@ def _load_checkpoint(out: Path, cfg: FedConfig, setup: Setup) -> RunState:
         raise ConfigError(f"--resume: {out} holds a run with a different configuration; use another --out "
                           "or the same arguments")
     load_ffn_state(models.unwrap(setup.server_proxy), blob["server_ffn"])
-    load_ffn_state(models.unwrap(setup.device_proxy), blob["device_ffn"])
+    for device in setup.devices:
+        load_ffn_state(models.unwrap(device), blob["device_ffn"])
     return RunState(blob["next_round"], blob["global_state"], blob["package"], blob["server_ffn"],
                     blob["device_ffn"], json.loads(blob["records"]))

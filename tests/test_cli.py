@@ -48,6 +48,13 @@ def test_run_writes_metrics_and_resume_is_a_no_op_when_done(tmp_path):
     assert [r["round"] for r in m["rounds"]] == [0, 1, 2] and m["rounds"][1]["aligned"]
     assert main(["run", "--method", "fedpft", *TINY, "--out", str(tmp_path), "--resume"]) == 0
     assert json.loads((tmp_path / "metrics.json").read_text())["rounds"] == m["rounds"]
+    assert m["config"]["dropout"] is False
+
+
+def test_run_with_dropout_and_one_worker(tmp_path):
+    assert main(["run", "--method", "fedpft-n", *TINY, "--dropout", "--workers", "1", "--out", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["config"]["dropout"] is True and len(m["rounds"]) == 3
 
 
 def test_compare_writes_a_table(tmp_path, capsys):
@@ -67,6 +74,7 @@ def test_compare_writes_a_table(tmp_path, capsys):
     (["run", "--task", "imdb"], "task must be one of"),
     (["inspect", "--retained-layers", "0 9"], "retained_layers entries must be in [0, 3]"),
     (["run", "--sample-fraction", "2"], "sample_fraction must be in (0, 1]"),
+    (["run", "--workers", "0"], "workers must be in [1, inf], got 0"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, capsys, args, message):
     base = ["--fm", "tiny-bert", "--max-train", "160", "--max-test", "32", "--public-blocks", "32", "--quiet"]
