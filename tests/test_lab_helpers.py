@@ -65,8 +65,8 @@ def test_labs_04_to_06_default_knobs_match_the_shared_lab_scale(stem):
     if not path.exists():
         pytest.skip(f"{path.name} is not there yet")
     params = _parameters(path)
-    base = FedConfig()
-    shared = {"ROUNDS": H.LAB_FED["rounds"], "DISTILL_STEPS": H.LAB_FED["distill_steps"],
+    base = H.lab_config()
+    shared = {"ROUNDS": base.rounds, "DISTILL_STEPS": base.distill_steps,
               "ALPHA": base.data.alpha, "SAMPLE_FRACTION": base.sample_fraction, "KEEP_RATIO": base.keep_ratio,
               "ALIGN_INTERVAL": base.align_interval, "ALIGN_PROPORTION": base.align_proportion,
               "ALIGN_RULE": base.align_rule}
