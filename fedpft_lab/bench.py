@@ -6,9 +6,11 @@ LoRA side paths and Python overhead do not. So the bench measures, in one proces
 
 1. the machine: cores, threads and the dense fp32 matmul rate (the "peak" a step could reach);
 2. client training throughput of the FM and of sub-FMs (keep 1.0 / 0.5 / 0.25) by timing
-   :func:`federation.local_train` itself on a fixed shard of real tweets, with the FLOPs of the very
-   same batches counted by ``FlopCounterMode``, hence achieved FLOP/s and the fraction of peak;
-3. sub-FM / FM step time next to the FLOP and transformer-parameter ratios;
+   :func:`federation.local_train` itself on a fixed shard of real tweets, as many clients side by side as
+   a round runs, with the FLOPs of the very same batches counted by ``FlopCounterMode``, hence achieved
+   FLOP/s and the fraction of peak;
+3. sub-FM / FM step time next to the FLOP and transformer-parameter ratios; clients side by side against
+   one after another, and what dropout would cost;
 4. layer-level distillation steps/s;
 5. the wall time of federated rounds (evaluation-only round 0, training rounds 1-2), setup fresh and cached;
 6. peak memory; 7. the wall time of every lab notebook (SMOKE and default) with papermill.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import resource
@@ -36,8 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
 
-from . import adapters, data, federation, models, subfm
-from .discrepancy import gradient_discrepancy
+from . import adapters, data, federation, models, parallel, subfm
 from .distill import DistillConfig, distill, embed
 from .workspace import DataConfig, Workspace, prepare
 
@@ -57,10 +59,14 @@ class BenchConfig:
     matmul_seconds: float = 0.5  # per matmul repetition
     matmul_repeats: int = 5
     distill_steps: int = 30
-    rounds: int = 2              # training rounds timed after the evaluation-only round 0
+    rounds: int = 3              # training rounds timed after the evaluation-only round 0 (round 2 aligns)
+    clients: int | None = None   # clients trained side by side; None: as a run does (torch's thread count)
 
     def fed_config(self) -> federation.FedConfig:
         return self.fed if self.fed is not None else federation.FedConfig(data=self.data)
+
+    def workers(self) -> int:
+        return self.clients or parallel.default_workers()
 
 
 def bench_config(fm: str = models.DEFAULT_FM, quick: bool = False) -> BenchConfig:
@@ -142,10 +148,11 @@ _CPU_ATTENTION_FLOPS = {
 
 
 def train_step_flops(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """FLOPs of one ``local_train`` step on ``batch``: forward + backward (AdamW's elementwise work is
-    negligible next to them). Gradients are discarded, parameters are left untouched."""
+    """FLOPs of one ``local_train`` step on ``batch`` (eval mode, as clients train without dropout): forward +
+    backward (AdamW's elementwise work is negligible next to them). Gradients are discarded, parameters are
+    left untouched."""
     was_training = model.training
-    model.train()
+    model.eval()
     try:
         with flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
             inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -206,26 +213,32 @@ def epoch_flops(model: nn.Module, batches: list[dict]) -> int:
     return sum(by_shape[_shape(b)] for b in batches)
 
 
-def time_local_train(model: nn.Module, shard: data.EncodedSplit, pad_id: int, batch_size: int, lr: float,
-                     seed: int = 0) -> Timing:
-    """One epoch of the real ``federation.local_train`` on ``shard``, with a stamp at every step."""
-    cpu = time.process_time()
-    with step_clock(model) as stamps:
-        federation.local_train(model, shard, 1, batch_size, lr, 1.0, seed, pad_id)
-        stamps.append(time.perf_counter())
-    return Timing(stamps[-1] - stamps[0], time.process_time() - cpu, np.diff(stamps).tolist())
+def time_clients(copies: list[nn.Module], shard: data.EncodedSplit, pad_id: int, batch_size: int, lr: float,
+                 seed: int = 0, dropout: bool = False) -> Timing:
+    """One epoch of the real ``federation.local_train`` on ``shard`` by every model in ``copies`` side by
+    side, one thread each, as :func:`federation.train_clients` runs a round's clients; step stamps of the first."""
+    jobs = [functools.partial(federation.local_train, m, shard, 1, batch_size, lr, 1.0, seed, pad_id, dropout=dropout)
+            for m in copies]
+    cpu, t0 = time.process_time(), time.perf_counter()
+    with step_clock(copies[0]) as stamps:
+        parallel.run_jobs(jobs, workers=len(copies))
+    end = time.perf_counter()
+    return Timing(end - t0, time.process_time() - cpu, np.diff([*stamps, end]).tolist())
 
 
 def throughput_record(timings: list[Timing], examples: int, batches: list[dict], flops: int,
-                      peak_flops: float | None) -> dict:
-    """Figures of the fastest repetition (the one least disturbed by other work on the machine)."""
+                      peak_flops: float | None, clients: int = 1) -> dict:
+    """Figures of the fastest repetition (the one least disturbed by other work on the machine).
+
+    ``clients`` copies trained ``batches`` at the same time: examples and FLOPs count all of them, step
+    times are one client's."""
     best = min(timings, key=lambda t: t.wall)
-    out = {"examples": examples, "batch_size": len(batches[0]["labels"]), "steps": len(batches),
-           "seconds": best.wall, "cpu_seconds": best.cpu, "seconds_all": [t.wall for t in timings],
-           "examples_per_s": examples / best.wall, "step_ms_mean": 1e3 * best.wall / len(batches),
+    out = {"clients_side_by_side": clients, "examples": examples * clients, "batch_size": len(batches[0]["labels"]),
+           "steps": len(batches), "seconds": best.wall, "cpu_seconds": best.cpu, "seconds_all": [t.wall for t in timings],
+           "examples_per_s": examples * clients / best.wall, "step_ms_mean": 1e3 * best.wall / len(batches),
            "step_ms_median": 1e3 * float(np.median(best.steps)), "step_ms_min": 1e3 * min(best.steps),
-           "cpu_ms_per_step": 1e3 * best.cpu / len(batches),
-           "flops_per_step": flops / len(batches), "flops_per_s": flops / best.wall,
+           "cpu_ms_per_step": 1e3 * best.cpu / (len(batches) * clients),
+           "flops_per_step": flops / len(batches), "flops_per_s": flops * clients / best.wall,
            "padding_fraction": padding_fraction(batches)}
     if peak_flops:
         out["fraction_of_peak"] = out["flops_per_s"] / peak_flops
@@ -233,26 +246,30 @@ def throughput_record(timings: list[Timing], examples: int, batches: list[dict],
 
 
 def client_throughput(model: nn.Module, shard: data.EncodedSplit, pad_id: int, batch_size: int = 8,
-                      repeats: int = 3, peak_flops: float | None = None, seed: int = 0, lr: float = 2e-3) -> dict:
-    """Time ``federation.local_train`` on ``shard`` (one epoch, ``repeats`` times, fastest kept) and
-    count the FLOPs of the same batches. ``model`` is trained in place: pass a copy."""
-    return training_throughputs({"model": model}, shard, pad_id, batch_size, repeats, peak_flops, seed, lr)["model"]
+                      repeats: int = 3, peak_flops: float | None = None, seed: int = 0, lr: float = 2e-3,
+                      clients: int = 1) -> dict:
+    """Time ``federation.local_train`` on ``shard`` (one epoch, ``repeats`` times, fastest kept) by ``clients``
+    copies of ``model`` side by side, and count the FLOPs of the same batches."""
+    return training_throughputs({"model": model}, shard, pad_id, batch_size, repeats, peak_flops, seed, lr,
+                                clients)["model"]
 
 
 def training_throughputs(named: dict[str, nn.Module], shard: data.EncodedSplit, pad_id: int, batch_size: int,
-                         repeats: int, peak_flops: float | None, seed: int = 0, lr: float = 2e-3) -> dict:
+                         repeats: int, peak_flops: float | None, seed: int = 0, lr: float = 2e-3,
+                         clients: int = 1) -> dict:
     """:func:`client_throughput` for several models, repetitions interleaved (A B C, A B C, ...) so that a
     burst of load from other processes hits all of them alike instead of skewing their ratio."""
     batches = shard_batches(shard, batch_size, seed, pad_id)
     flops = {name: epoch_flops(m, batches) for name, m in named.items()}
+    copies = {name: [m, *(copy.deepcopy(m) for _ in range(clients - 1))] for name, m in named.items()}
     warm = shard.subset(np.arange(min(len(shard), 2 * batch_size)))
-    for m in named.values():  # allocator, kernel selection, lazily built peft/transformers state
-        federation.local_train(m, warm, 1, batch_size, lr, 1.0, seed, pad_id)
+    for cs in copies.values():  # allocator, kernel selection, lazily built peft/transformers state
+        time_clients(cs, warm, pad_id, batch_size, lr, seed)
     timings: dict[str, list[Timing]] = {name: [] for name in named}
     for _ in range(repeats):
-        for name, m in named.items():
-            timings[name].append(time_local_train(m, shard, pad_id, batch_size, lr, seed))
-    return {name: {**throughput_record(timings[name], len(shard), batches, flops[name], peak_flops),
+        for name, cs in copies.items():
+            timings[name].append(time_clients(cs, shard, pad_id, batch_size, lr, seed))
+    return {name: {**throughput_record(timings[name], len(shard), batches, flops[name], peak_flops, clients),
                    "transformer_params": models.transformer_params(m)} for name, m in named.items()}
 
 
@@ -263,13 +280,15 @@ def lora_proxy(ws: Workspace, keep_ratio: float | None) -> nn.Module:
 
 
 def training_bench(ws: Workspace, cfg: BenchConfig, peak_flops: float | None) -> dict:
-    """Throughput of the FM and of every sub-FM in ``cfg.keep_ratios`` on the same shard of real tweets."""
+    """Throughput of the FM and of every sub-FM in ``cfg.keep_ratios`` on the same shard of real tweets,
+    trained the way a round trains its clients: ``workers`` of them side by side, one thread each."""
     shard = ws.train.subset(np.arange(min(cfg.shard_size, len(ws.train))))
     fed = cfg.fed_config()
     keeps = {"fm": None, **{f"sub_{k:g}": k for k in cfg.keep_ratios}}
     named = {name: lora_proxy(ws, keep) for name, keep in keeps.items()}
-    results = training_throughputs(named, shard, ws.pad_id, fed.batch_size, cfg.repeats, peak_flops, lr=fed.lr)
-    return {name: {"keep_ratio": keeps[name], **r} for name, r in results.items()}
+    results = training_throughputs(named, shard, ws.pad_id, fed.batch_size, cfg.repeats, peak_flops, lr=fed.lr,
+                                   clients=cfg.workers())
+    return {name: {"keep_ratio": keep_ratio, **r} for (name, keep_ratio), r in zip(keeps.items(), results.values())}
 
 
 @contextlib.contextmanager
@@ -282,23 +301,45 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def thread_bench(ws: Workspace, cfg: BenchConfig) -> dict:
-    """FM client training with one thread against the current setting, interleaved.
+def time_sequential(model: nn.Module, shard: data.EncodedSplit, pad_id: int, batch_size: int, lr: float,
+                    clients: int, dropout: bool = False) -> float:
+    """Wall time of ``clients`` epochs of ``local_train`` one after another, at the current thread setting."""
+    t = time.perf_counter()
+    for _ in range(clients):
+        federation.local_train(model, shard, 1, batch_size, lr, 1.0, 0, pad_id, dropout=dropout)
+    return time.perf_counter() - t
 
-    On an idle machine more threads win a little (these matmuls are small); when other jobs share the cores,
-    OpenMP threads spin-wait for each other at every operation and one thread can be several times faster.
-    """
+
+def schedule_bench(ws: Workspace, cfg: BenchConfig) -> dict:
+    """Three ways to train ``workers`` clients of the sub-FM (keep 0.25), interleaved, fastest of each kept:
+    one after another on one thread, one after another on all threads (the lab before it ran clients side
+    by side), and side by side on one thread each (what :func:`federation.train_clients` does). Also the
+    cost of dropout: a side-by-side round with the official code's dropout on."""
     shard = ws.train.subset(np.arange(min(cfg.shard_size, len(ws.train))))
-    fed, model, current = cfg.fed_config(), lora_proxy(ws, None), torch.get_num_threads()
-    settings = sorted({1, current})
-    walls: dict[int, list[float]] = {n: [] for n in settings}
+    fed, workers, threads = cfg.fed_config(), cfg.workers(), torch.get_num_threads()
+    model = lora_proxy(ws, 0.25)
+    copies = [model, *(copy.deepcopy(model) for _ in range(workers - 1))]
+    time_clients(copies, shard.subset(np.arange(min(len(shard), 2 * fed.batch_size))), ws.pad_id, fed.batch_size,
+                 fed.lr)
+    all_threads = "sequential_1_thread" if threads == 1 else f"sequential_{threads}_threads"
+    walls: dict[str, list[float]] = {"sequential_1_thread": [], all_threads: [], "side_by_side": [],
+                                     "side_by_side_with_dropout": []}
     for _ in range(max(1, cfg.repeats - 1)):
-        for n in settings:
-            with torch_threads(n):
-                walls[n].append(time_local_train(model, shard, ws.pad_id, fed.batch_size, fed.lr).wall)
-    best = {n: min(w) for n, w in walls.items()}
-    return {"threads": settings, "current": current, "seconds": {str(n): best[n] for n in settings},
-            "speedup_of_current_over_1": best[1] / best[current], "loadavg": list(os.getloadavg())}
+        with torch_threads(1):
+            walls["sequential_1_thread"].append(time_sequential(model, shard, ws.pad_id, fed.batch_size, fed.lr,
+                                                                workers))
+        if threads > 1:
+            walls[all_threads].append(time_sequential(model, shard, ws.pad_id, fed.batch_size, fed.lr, workers))
+        walls["side_by_side"].append(time_clients(copies, shard, ws.pad_id, fed.batch_size, fed.lr).wall)
+        walls["side_by_side_with_dropout"].append(
+            time_clients(copies, shard, ws.pad_id, fed.batch_size, fed.lr, dropout=True).wall)
+    examples = workers * len(shard)
+    best = {k: min(v) for k, v in walls.items()}
+    return {"clients": workers, "threads": threads, "examples": examples,
+            "seconds": best, "examples_per_s": {k: examples / v for k, v in best.items()},
+            "side_by_side_speedup_over_sequential": best[all_threads] / best["side_by_side"],
+            "dropout_slowdown": best["side_by_side_with_dropout"] / best["side_by_side"],
+            "loadavg": list(os.getloadavg())}
 
 
 def sub_vs_fm(training: dict, keep_ratio: float = 0.25) -> dict:
@@ -366,28 +407,33 @@ def round_record(r: dict) -> dict:
     return out
 
 
-def eval_breakdown(setup: federation.Setup, ws: Workspace) -> dict:
-    """What a round's evaluation consists of: test accuracy of FM and proxy, and the gradient discrepancy."""
+def eval_breakdown(setup: federation.Setup, ws: Workspace, workers: int) -> dict:
+    """What a round's evaluation consists of, each part on one thread (its CPU cost): test accuracy of the
+    FM and of the proxy, the gradient discrepancy; then all of it side by side as a round runs it."""
+    adapters.load_adapter_state(setup.fm, setup.init_state, strict=False)
+    adapters.load_adapter_state(setup.server_proxy, federation.to_proxy_names(setup.init_state, setup.proxy_layers))
+    parts = {"fm_accuracy_seconds": lambda: federation.accuracy(setup.fm, ws.test_batches),
+             "proxy_accuracy_seconds": lambda: federation.accuracy(setup.server_proxy, ws.test_batches),
+             "discrepancy_seconds": lambda: federation._discrepancy(setup, ws)}
     times = {}
+    with parallel.single_threaded_ops():
+        for name, part in parts.items():
+            t = time.perf_counter()
+            part()
+            times[name] = time.perf_counter() - t
     t = time.perf_counter()
-    federation.accuracy(setup.fm, ws.test_batches)
-    times["fm_accuracy_seconds"] = time.perf_counter() - t
-    t = time.perf_counter()
-    federation.accuracy(setup.server_proxy, ws.test_batches)
-    times["proxy_accuracy_seconds"] = time.perf_counter() - t
-    t = time.perf_counter()
-    gradient_discrepancy(setup.fm, setup.server_proxy, ws.probe_batches, state=setup.init_state,
-                         proxy_layers=setup.proxy_layers)
-    times["discrepancy_seconds"] = time.perf_counter() - t
+    federation.evaluate(setup, ws, setup.init_state, workers)
+    times["side_by_side_seconds"] = time.perf_counter() - t
+    times["workers"] = workers
     return times
 
 
-def round_bench(ws: Workspace, cfg: federation.FedConfig, rounds: int = 2) -> dict:
+def round_bench(ws: Workspace, cfg: federation.FedConfig, rounds: int = 2, workers: int = 1) -> dict:
     """Time setup (fresh distillation, then cached), round 0 (evaluation only) and ``rounds`` training rounds."""
     rounds = min(rounds, cfg.rounds)
     with fresh_cache():
         t0 = time.perf_counter()
-        run = federation.iterate(cfg, ws, progress=False)
+        run = federation.iterate(cfg, ws, progress=False, workers=workers)
         metrics = next(run)
         first = time.perf_counter() - t0
         for _ in range(rounds):
@@ -402,7 +448,8 @@ def round_bench(ws: Workspace, cfg: federation.FedConfig, rounds: int = 2) -> di
             "setup_fresh_seconds": first - records[0]["seconds"], "setup_cached_seconds": cached,
             "rounds": records, "train_round_seconds_mean": float(np.mean([r["seconds"] for r in train])),
             "eval_share_mean": float(np.mean([r["eval_share"] for r in train])),
-            "eval_breakdown": eval_breakdown(setup, ws)}
+            "eval_share_of_time": float(sum(r["eval_seconds"] for r in train) / sum(r["seconds"] for r in train)),
+            "eval_breakdown": eval_breakdown(setup, ws, workers)}
 
 
 # --------------------------------------------------------------------------- 6. memory
@@ -490,11 +537,11 @@ def run_bench(cfg: BenchConfig, notebooks: bool = True, log=print) -> dict:
     result["training"] = training_bench(ws, cfg, peak)
     if 0.25 in cfg.keep_ratios:
         result["sub_vs_fm"] = sub_vs_fm(result["training"], 0.25)
-    result["threads"] = thread_bench(ws, cfg)
+    result["schedule"] = schedule_bench(ws, cfg)
     log("layer-level distillation ...")
     result["distill"] = distill_bench(ws, replace(cfg.fed_config().distill_config(), steps=cfg.distill_steps))
     log("federated rounds ...")
-    result["federated"] = round_bench(ws, cfg.fed_config(), cfg.rounds)
+    result["federated"] = round_bench(ws, cfg.fed_config(), cfg.rounds, cfg.workers())
     result["memory"] = memory_info()
     if notebooks:
         log(f"notebooks: {len(lab_notebooks())} labs ...")
@@ -510,14 +557,15 @@ def _g(x: float) -> str:
 
 def format_report(r: dict) -> str:
     """The bench as a few readable tables."""
-    m = r["machine"]
+    m, t0 = r["machine"], next(iter(r["training"].values()))
     lines = [f"machine: {m['logical_cores']} logical / {m['physical_cores']} physical cores, torch {m['torch_version']} "
              f"({m['torch_threads']} threads, {m['torch_interop_threads']} interop), load average "
              f"{m['loadavg_start'][0]:.1f} at start, {m.get('loadavg_end', [float('nan')])[0]:.1f} at end",
              "  fp32 matmul: " + ", ".join(f"{k} {_g(v)}FLOP/s" for k, v in m["matmul_flops"].items())
              + f"  (peak {_g(m['peak_flops'])}FLOP/s)",
-             "", f"client training (federation.local_train, {next(iter(r['training'].values()))['examples']} real "
-                 f"tweets, batch {next(iter(r['training'].values()))['batch_size']}, LoRA r=8 + head):",
+             "", f"client training (federation.local_train, {t0['clients_side_by_side']} client(s) side by side on one "
+                 f"thread each, {t0['examples'] // t0['clients_side_by_side']} real tweets each, batch "
+                 f"{t0['batch_size']}, LoRA r=8 + head, no dropout):",
              "  model      ex/s   step ms (mean/median)   CPU ms   GFLOP/step   GFLOP/s   of peak   padding   "
              "transformer params"]
     for name, t in r["training"].items():
@@ -530,9 +578,12 @@ def format_report(r: dict) -> str:
         lines.append(f"  sub-FM(keep {s['keep_ratio']}) / FM: step time {s['step_time_ratio']:.2f}x "
                      f"(CPU time {s['cpu_time_ratio']:.2f}x), "
                      f"FLOPs {s['flops_ratio']:.2f}x, transformer params {s['transformer_params_ratio']:.2f}x")
-    th = r["threads"]
-    lines.append(f"  threads: {th['current']} thread(s) train the FM {th['speedup_of_current_over_1']:.2f}x as fast as 1 "
-                 f"thread (load average {th['loadavg'][0]:.1f}; below 1x means the cores are shared)")
+    sc = r["schedule"]
+    lines.append(f"  {sc['clients']} sub-FM clients (keep 0.25), examples/s: "
+                 + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in sc["examples_per_s"].items())
+                 + f"; side by side is {sc['side_by_side_speedup_over_sequential']:.2f}x sequential on "
+                 f"{sc['threads']} thread(s), dropout would cost {sc['dropout_slowdown']:.2f}x "
+                 f"(load average {sc['loadavg'][0]:.1f})")
     d = r["distill"]
     lines += ["", f"layer-level distillation: {d['steps_per_s']:.2f} steps/s "
                   f"(batch {d['batch_size']} x {d['block_size']} tokens, {d['steps']} steps); the teacher forward "
@@ -546,8 +597,10 @@ def format_report(r: dict) -> str:
         lines.append(f"  {x['round']:>5}   {x['seconds']:7.1f}   {x['client_seconds']:9.1f}   {x['eval_seconds']:6.1f}"
                      f"   {x['align_seconds']:7.1f}   {x['other_seconds']:7.1f}   {x['eval_share']:9.1%}")
     e = f["eval_breakdown"]
-    lines.append(f"  evaluation = FM accuracy {e['fm_accuracy_seconds']:.2f} s + proxy accuracy "
-                 f"{e['proxy_accuracy_seconds']:.2f} s + gradient discrepancy {e['discrepancy_seconds']:.2f} s")
+    lines.append(f"  evaluation share of the training rounds' time: {f['eval_share_of_time']:.1%}")
+    lines.append(f"  evaluation, one thread each: FM accuracy {e['fm_accuracy_seconds']:.2f} s + proxy accuracy "
+                 f"{e['proxy_accuracy_seconds']:.2f} s + gradient discrepancy {e['discrepancy_seconds']:.2f} s; "
+                 f"side by side on {e['workers']} worker(s): {e['side_by_side_seconds']:.2f} s")
     mem = r["memory"]
     lines += ["", f"memory: peak RSS {mem['peak_rss_mb']:.0f} MB (now {mem['rss_now_mb']:.0f} MB)"]
     if r.get("notebooks") is not None:

@@ -70,11 +70,14 @@ def test_attention_flops_are_counted_in_eval_mode_too(tiny_bench_ws):
     assert with_attn.get_total_flops() > without.get_total_flops()
 
 
-def test_client_throughput_times_local_train(tiny_bench_ws):
+@pytest.mark.parametrize("clients", [1, 2])
+def test_client_throughput_times_local_train(tiny_bench_ws, clients):
     ws = tiny_bench_ws
     shard = ws.train.subset(np.arange(20))
-    r = bench.client_throughput(bench.lora_proxy(ws, 0.5), shard, ws.pad_id, batch_size=8, repeats=1, peak_flops=1e9)
-    assert r["steps"] == 3 and r["examples"] == 20
+    r = bench.client_throughput(bench.lora_proxy(ws, 0.5), shard, ws.pad_id, batch_size=8, repeats=1, peak_flops=1e9,
+                                clients=clients)
+    assert r["steps"] == 3 and r["examples"] == 20 * clients and r["clients_side_by_side"] == clients
+    assert r["flops_per_s"] == pytest.approx(clients * r["flops_per_step"] * r["steps"] / r["seconds"])
     assert r["examples_per_s"] > 0 and r["step_ms_mean"] > 0 and r["step_ms_min"] <= r["step_ms_median"]
     assert r["flops_per_step"] > 0 and r["fraction_of_peak"] > 0
     assert 0 <= r["padding_fraction"] < 1
@@ -86,10 +89,13 @@ def test_whole_bench_keys_report_and_json(tmp_path, monkeypatch, cfg):
     assert all(t["examples_per_s"] > 0 for t in result["training"].values())
     s = result["sub_vs_fm"]
     assert s["flops_ratio"] < 1 and s["transformer_params_ratio"] < 1 and s["step_time_ratio"] > 0
-    assert result["threads"]["speedup_of_current_over_1"] > 0 and 1 in result["threads"]["threads"]
+    sched = result["schedule"]
+    assert sched["side_by_side_speedup_over_sequential"] > 0 and sched["dropout_slowdown"] > 0
+    assert set(sched["examples_per_s"]) >= {"sequential_1_thread", "side_by_side", "side_by_side_with_dropout"}
     assert result["distill"]["steps_per_s"] > 0 and 0 < result["distill"]["teacher_forward_share"] <= 1
     fed = result["federated"]
     assert [r["round"] for r in fed["rounds"]] == [0, 1, 2]
+    assert 0 < fed["eval_share_of_time"] < 1 and fed["eval_breakdown"]["side_by_side_seconds"] > 0
     assert fed["rounds"][0]["client_seconds"] == 0 and fed["rounds"][1]["client_seconds"] > 0
     assert all(0 < r["eval_share"] <= 1 for r in fed["rounds"])
     assert fed["setup_fresh_seconds"] > 0 and fed["setup_cached_seconds"] > 0
