@@ -398,11 +398,12 @@ def fresh_cache() -> Iterator[Path]:
 
 
 def round_record(r: dict) -> dict:
-    """The time split of one round record; "other" is aggregation plus the re-evaluation after alignment."""
-    keys = ("seconds", "client_seconds", "eval_seconds")
+    """The time split of one round record: training (wall; ``client_seconds`` adds up the clients side by side),
+    evaluation, alignment, and "other" (aggregation plus the re-evaluation after an alignment)."""
+    keys = ("seconds", "train_seconds", "client_seconds", "eval_seconds")
     out = {"round": r["round"], **{k: r.get(k, 0.0) for k in keys}, "align_seconds": r.get("align_seconds", 0.0),
            "aligned": r.get("aligned", False), "clients": len(r.get("clients", []))}
-    out["other_seconds"] = out["seconds"] - out["client_seconds"] - out["eval_seconds"] - out["align_seconds"]
+    out["other_seconds"] = out["seconds"] - out["train_seconds"] - out["eval_seconds"] - out["align_seconds"]
     out["eval_share"] = out["eval_seconds"] / out["seconds"] if out["seconds"] else 0.0
     return out
 
@@ -592,10 +593,11 @@ def format_report(r: dict) -> str:
     lines += ["", f"federated rounds ({f['method']}, {f['clients_per_round']} clients/round): setup fresh "
                   f"{f['setup_fresh_seconds']:.1f} s (distil {f['distill_steps']} steps), cached "
                   f"{f['setup_cached_seconds']:.1f} s",
-              "  round   total s   clients s   eval s   align s   other s   eval share"]
+              "  round   total s   train s   eval s   align s   other s   eval share   (sum of client s)"]
     for x in f["rounds"]:
-        lines.append(f"  {x['round']:>5}   {x['seconds']:7.1f}   {x['client_seconds']:9.1f}   {x['eval_seconds']:6.1f}"
-                     f"   {x['align_seconds']:7.1f}   {x['other_seconds']:7.1f}   {x['eval_share']:9.1%}")
+        lines.append(f"  {x['round']:>5}   {x['seconds']:7.1f}   {x['train_seconds']:7.1f}   {x['eval_seconds']:6.1f}"
+                     f"   {x['align_seconds']:7.1f}   {x['other_seconds']:7.1f}   {x['eval_share']:9.1%}"
+                     f"   ({x['client_seconds']:.1f})")
     e = f["eval_breakdown"]
     lines.append(f"  evaluation share of the training rounds' time: {f['eval_share_of_time']:.1%}")
     lines.append(f"  evaluation, one thread each: FM accuracy {e['fm_accuracy_seconds']:.2f} s + proxy accuracy "

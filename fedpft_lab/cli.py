@@ -102,7 +102,7 @@ def _add_fed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align-steps", type=int, default=f.align_steps)
     p.add_argument("--align-rule", choices=("mean-abs", "apoz"), default=f.align_rule)
     p.add_argument("--workers", type=int, default=None,
-                   help="clients trained at the same time, one thread each (default: torch's thread count); "
+                   help="clients trained at the same time, one thread each (default: one per CPU core); "
                         "results do not depend on it")
 
 

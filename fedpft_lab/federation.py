@@ -419,7 +419,7 @@ def run(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike 
         on_round: Callable[[dict], None] | None = None, workers: int | None = None) -> dict:
     """Run ``cfg`` to the end (or until ``stop`` is set) and return the metrics dict (see :func:`summary`).
 
-    ``workers``: clients trained at the same time (default: torch's thread count); results do not depend on it.
+    ``workers``: clients trained at the same time (default: one per CPU core); results do not depend on it.
     """
     result: dict = {}
     for result in iterate(cfg, ws, out_dir, resume, progress, stop, workers):
@@ -502,7 +502,7 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
     """One communication round (``rnd == 0``: evaluate A_0 only, the reference point of every curve)."""
     t0 = time.perf_counter()
     record: dict = {"round": rnd, "clients": clients, "lr": cfg.lr_at(rnd) if rnd else 0.0, "aligned": False,
-                    "bytes_up": 0, "bytes_down": 0, "client_seconds": 0.0}
+                    "bytes_up": 0, "bytes_down": 0, "client_seconds": 0.0, "train_seconds": 0.0}
     if rnd > 0:
         pkg_bytes = adapters.nbytes(state.package)
         if state.package:  # the W_fro package rides along with this round's broadcast
@@ -510,7 +510,9 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
                 align.apply_weight_package(models.unwrap(device), state.package)
             state.package = {}
         aligning = cfg.aligns_in(rnd)
+        t_train = time.perf_counter()
         updates = train_clients(cfg, setup, ws, clients, rnd, state.global_state, aligning, workers)
+        record["train_seconds"] = time.perf_counter() - t_train  # wall time; client_seconds adds up every client's
         down = adapters.nbytes(to_proxy_names(state.global_state, setup.proxy_layers))
         record["bytes_down"] = len(clients) * (down + pkg_bytes)
         record["bytes_up"] = sum(u.nbytes() for u in updates)

@@ -50,7 +50,9 @@ def lab_threads(max_threads: int = 8) -> int:
     Why not simply all cores: the lab's batches are small, so extra threads help only on idle cores. When other
     work shares the machine, OpenMP threads spin against each other and every step slows down several times over
     (measured on a busy 2-core machine: a SMOKE federated run took 5x the wall and CPU time with 2 threads as
-    with 1). Labs call ``torch.set_num_threads(lab_threads())`` right after ``nb.setup``.
+    with 1). Labs call ``torch.set_num_threads(lab_threads())`` right after ``nb.setup``. It governs the
+    server's distillation; clients and evaluation run one single-threaded job per core whatever it says
+    (:mod:`fedpft_lab.parallel`), since single-threaded jobs never spin-wait for each other.
     """
     cores = os.cpu_count() or 1
     try:

@@ -13,6 +13,7 @@ across thread counts they agree to about 1e-8.)
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -23,8 +24,16 @@ T = TypeVar("T")
 
 
 def default_workers() -> int:
-    """One job per torch thread the user allows (``torch.set_num_threads``; the labs pick the free cores)."""
-    return max(1, torch.get_num_threads())
+    """One job per CPU core this process may use.
+
+    Not torch's thread count: the labs lower that on a busy machine, because multi-threaded ops spin-wait
+    for each other when cores are shared. Single-threaded jobs never wait for each other, so they may use
+    every core; the operating system shares the cores fairly when other work runs too.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on every platform (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
 
 
 @contextlib.contextmanager

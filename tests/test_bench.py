@@ -118,8 +118,8 @@ def test_fresh_cache_is_restored(monkeypatch, tmp_path):
 
 
 def test_round_record_splits_time():
-    r = bench.round_record({"round": 2, "clients": [1, 3], "seconds": 10.0, "client_seconds": 6.0,
-                            "eval_seconds": 2.0, "align_seconds": 1.0, "aligned": True})
+    r = bench.round_record({"round": 2, "clients": [1, 3], "seconds": 10.0, "train_seconds": 6.0,
+                            "client_seconds": 11.0, "eval_seconds": 2.0, "align_seconds": 1.0, "aligned": True})
     assert r["other_seconds"] == pytest.approx(1.0) and r["eval_share"] == pytest.approx(0.2) and r["clients"] == 2
 
 
