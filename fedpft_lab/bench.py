@@ -60,7 +60,7 @@ class BenchConfig:
     matmul_repeats: int = 5
     distill_steps: int = 30
     rounds: int = 3              # training rounds timed after the evaluation-only round 0 (round 2 aligns)
-    clients: int | None = None   # clients trained side by side; None: as a run does (torch's thread count)
+    clients: int | None = None   # clients trained side by side; None: as a run does (one per CPU core)
 
     def fed_config(self) -> federation.FedConfig:
         return self.fed if self.fed is not None else federation.FedConfig(data=self.data)
@@ -234,7 +234,8 @@ def throughput_record(timings: list[Timing], examples: int, batches: list[dict],
     times are one client's."""
     best = min(timings, key=lambda t: t.wall)
     out = {"clients_side_by_side": clients, "examples": examples * clients, "batch_size": len(batches[0]["labels"]),
-           "steps": len(batches), "seconds": best.wall, "cpu_seconds": best.cpu, "seconds_all": [t.wall for t in timings],
+           "steps": len(batches), "seconds": best.wall, "cpu_seconds": best.cpu,
+           "seconds_all": [t.wall for t in timings],
            "examples_per_s": examples * clients / best.wall, "step_ms_mean": 1e3 * best.wall / len(batches),
            "step_ms_median": 1e3 * float(np.median(best.steps)), "step_ms_min": 1e3 * min(best.steps),
            "cpu_ms_per_step": 1e3 * best.cpu / (len(batches) * clients),
@@ -564,8 +565,8 @@ def format_report(r: dict) -> str:
              f"{m['loadavg_start'][0]:.1f} at start, {m.get('loadavg_end', [float('nan')])[0]:.1f} at end",
              "  fp32 matmul: " + ", ".join(f"{k} {_g(v)}FLOP/s" for k, v in m["matmul_flops"].items())
              + f"  (peak {_g(m['peak_flops'])}FLOP/s)",
-             "", f"client training (federation.local_train, {t0['clients_side_by_side']} client(s) side by side on one "
-                 f"thread each, {t0['examples'] // t0['clients_side_by_side']} real tweets each, batch "
+             "", f"client training (federation.local_train, {t0['clients_side_by_side']} client(s) side by side "
+                 f"on one thread each, {t0['examples'] // t0['clients_side_by_side']} real tweets each, batch "
                  f"{t0['batch_size']}, LoRA r=8 + head, no dropout):",
              "  model      ex/s   step ms (mean/median)   CPU ms   GFLOP/step   GFLOP/s   of peak   padding   "
              "transformer params"]

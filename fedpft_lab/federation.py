@@ -64,7 +64,7 @@ class FedConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1            # used only when ``dropout`` is on
-    dropout: bool = False                # client training in train mode (LoRA + the FM's own dropout), as the official code
+    dropout: bool = False                # train clients with dropout (LoRA's + the FM's own), as the official code
     keep_ratio: float = 0.25
     retained_layers: tuple[int, ...] | None = None
     selection: str = "saliency"
@@ -358,7 +358,9 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     adapters.load_adapter_state(setup.server_proxy, to_proxy_names(global_state, setup.proxy_layers))
     setup.fm.eval(), setup.server_proxy.eval()  # before the jobs start: they share these models read-only
     workers = max(1, workers or parallel.default_workers())
-    to_score = ({"accuracy": setup.fm} if fm else {}) | ({} if setup.proxy_is_fm else {"sub_accuracy": setup.server_proxy})
+    to_score: dict[str, nn.Module] = {"accuracy": setup.fm} if fm else {}
+    if not setup.proxy_is_fm:
+        to_score["sub_accuracy"] = setup.server_proxy
     n_chunks = 1 if workers == 1 else 2 * workers  # small chunks balance the load between the workers
     jobs: list[Callable[[], object]] = [lambda: _discrepancy(setup, ws)]
     keys: list[str] = ["discrepancy"]

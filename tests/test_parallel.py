@@ -1,4 +1,4 @@
-"""Clients and evaluation side by side: same numbers whatever the number of workers, errors surface, threads restored."""
+"""Clients and evaluation side by side: the same numbers for any number of workers; errors surface; threads restored."""
 import dataclasses
 import threading
 
