@@ -68,55 +68,52 @@ def _flat(grads: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tenso
     return torch.cat([grads[k].reshape(-1).double() for k in keys])
 
 
-def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
-                         state: Mapping[str, torch.Tensor] | None = None,
-                         proxy_layers: Sequence[int] | None = None) -> Discrepancy:
-    """Compare adapter gradients of ``proxy`` with those of ``fm`` on ``batches``.
+@dataclass
+class BatchTerms:
+    """What one probe batch contributes to a :class:`Discrepancy` (so batches can be measured in parallel)."""
 
-    Both models must be peft-wrapped with the same LoRA targets (for a layer-drop proxy, a subset of them).
-    ``state`` (in FM naming) is loaded into both first when given. ``proxy_layers[j]`` is the FM layer that
-    proxy layer j came from (``None`` = identical layer indices, the sub-FM case); only parameters present
-    in both models are compared, i.e. what a layer-drop proxy actually shares.
-    """
-    fm_to_proxy = ({fm_i: j for j, fm_i in enumerate(proxy_layers)} if proxy_layers is not None else None)
-    proxy_to_fm = ({j: fm_i for j, fm_i in enumerate(proxy_layers)} if proxy_layers is not None else None)
-    if state is not None:
-        adapters.load_adapter_state(fm, state)
-        proxy_state = ({adapters.remap_layers(k, fm_to_proxy): v for k, v in state.items()
-                        if adapters.layer_of(k) is None or adapters.layer_of(k) in fm_to_proxy}
-                       if fm_to_proxy else state)
-        adapters.load_adapter_state(proxy, proxy_state, strict=False)
-    modes = fm.training, proxy.training
-    fm.eval(), proxy.eval()
-    try:
-        mean_fm: dict[str, torch.Tensor] = {}
-        mean_px: dict[str, torch.Tensor] = {}
-        batch_cos, batch_rel = [], []
-        kl_sum, kl_n = 0.0, 0
-        hid_sum: dict[int, float] = defaultdict(float)
-        for batch in batches:
-            g_fm, o_fm = adapter_gradients(fm, batch, keep_outputs=True)
-            g_px, o_px = adapter_gradients(proxy, batch, keep_outputs=True)
-            if proxy_to_fm:
-                g_px = {adapters.remap_layers(k, proxy_to_fm): v for k, v in g_px.items()}
-            keys = sorted(set(g_fm) & set(g_px))
-            c, r = _cos_rel(_flat(g_px, keys), _flat(g_fm, keys))
-            batch_cos.append(c), batch_rel.append(r)
-            for k in keys:
-                mean_fm[k] = mean_fm.get(k, 0) + g_fm[k].double() / len(batches)
-                mean_px[k] = mean_px.get(k, 0) + g_px[k].double() / len(batches)
-            with torch.no_grad():
-                logp_fm = F.log_softmax(o_fm.logits.double(), -1)
-                logp_px = F.log_softmax(o_px.logits.double(), -1)
-                kl_sum += float((logp_fm.exp() * (logp_fm - logp_px)).sum())
-                kl_n += len(logp_fm)
-                mask = batch.get("attention_mask")
-                for j in range(1, len(o_px.hidden_states)):
-                    fm_l = proxy_to_fm[j - 1] if proxy_to_fm else j - 1
-                    hid_sum[fm_l] += relative_mse(o_fm.hidden_states[fm_l + 1], o_px.hidden_states[j], mask).item()
-    finally:
-        fm.train(modes[0]), proxy.train(modes[1])
+    g_fm: dict[str, torch.Tensor]      # adapter gradients of the FM, FM naming
+    g_px: dict[str, torch.Tensor]      # ... of the proxy, translated to FM naming
+    kl_sum: float                      # summed KL(FM || proxy) over the batch's examples
+    examples: int
+    hidden: dict[int, float]           # FM layer -> hidden-state relative MSE on this batch
+    fm_layers: int
 
+
+def batch_terms(fm: nn.Module, proxy: nn.Module, batch: Mapping[str, torch.Tensor],
+                proxy_to_fm: Mapping[int, int] | None = None) -> BatchTerms:
+    """Gradients, logit KL and hidden-state gaps of one labelled batch; both models must be in eval mode."""
+    g_fm, o_fm = adapter_gradients(fm, batch, keep_outputs=True)
+    g_px, o_px = adapter_gradients(proxy, batch, keep_outputs=True)
+    if proxy_to_fm:
+        g_px = {adapters.remap_layers(k, proxy_to_fm): v for k, v in g_px.items()}
+    hidden: dict[int, float] = {}
+    with torch.no_grad():
+        logp_fm = F.log_softmax(o_fm.logits.double(), -1)
+        logp_px = F.log_softmax(o_px.logits.double(), -1)
+        kl_sum = float((logp_fm.exp() * (logp_fm - logp_px)).sum())
+        mask = batch.get("attention_mask")
+        for j in range(1, len(o_px.hidden_states)):
+            fm_l = proxy_to_fm[j - 1] if proxy_to_fm else j - 1
+            hidden[fm_l] = relative_mse(o_fm.hidden_states[fm_l + 1], o_px.hidden_states[j], mask).item()
+    return BatchTerms(g_fm, g_px, kl_sum, len(logp_fm), hidden, len(o_fm.hidden_states) - 1)
+
+
+def combine(terms: Sequence[BatchTerms]) -> Discrepancy:
+    """The discrepancy over all probe batches, from their terms in batch order (the mean gradients compared)."""
+    mean_fm: dict[str, torch.Tensor] = {}
+    mean_px: dict[str, torch.Tensor] = {}
+    batch_cos, batch_rel = [], []
+    hid_sum: dict[int, float] = defaultdict(float)
+    for t in terms:
+        keys = sorted(set(t.g_fm) & set(t.g_px))
+        c, r = _cos_rel(_flat(t.g_px, keys), _flat(t.g_fm, keys))
+        batch_cos.append(c), batch_rel.append(r)
+        for k in keys:
+            mean_fm[k] = mean_fm.get(k, 0) + t.g_fm[k].double() / len(terms)
+            mean_px[k] = mean_px.get(k, 0) + t.g_px[k].double() / len(terms)
+        for layer, value in t.hidden.items():
+            hid_sum[layer] += value
     keys = sorted(mean_fm)
     cos, rel = _cos_rel(_flat(mean_px, keys), _flat(mean_fm, keys))
     by_layer: dict[int, list[str]] = defaultdict(list)
@@ -129,10 +126,49 @@ def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapp
                  for l, ks in sorted(by_layer.items())]
     per_module = {kind: dict(zip(("cosine", "rel_l2"), _cos_rel(_flat(mean_px, ks), _flat(mean_fm, ks))))
                   for kind, ks in sorted(by_kind.items())}
-    n_fm_layers = len(o_fm.hidden_states) - 1 if batches else 0
-    hidden = [hid_sum[l] / len(batches) if l in hid_sum else None for l in range(n_fm_layers)]
+    n_fm_layers = terms[-1].fm_layers if terms else 0
+    hidden = [hid_sum[l] / len(terms) if l in hid_sum else None for l in range(n_fm_layers)]
+    examples = sum(t.examples for t in terms)
     return Discrepancy(cosine=cos, rel_l2=rel,
                        cosine_batch_mean=sum(batch_cos) / max(1, len(batch_cos)),
                        rel_l2_batch_mean=sum(batch_rel) / max(1, len(batch_rel)),
                        per_layer=per_layer, per_module=per_module, hidden_rel_mse=hidden,
-                       logit_kl=kl_sum / max(1, kl_n))
+                       logit_kl=sum(t.kl_sum for t in terms) / max(1, examples))
+
+
+def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]],
+                         state: Mapping[str, torch.Tensor] | None = None,
+                         proxy_layers: Sequence[int] | None = None) -> Discrepancy:
+    """Compare adapter gradients of ``proxy`` with those of ``fm`` on ``batches``.
+
+    Both models must be peft-wrapped with the same LoRA targets (for a layer-drop proxy, a subset of them).
+    ``state`` (in FM naming) is loaded into both first when given. ``proxy_layers[j]`` is the FM layer that
+    proxy layer j came from (``None`` = identical layer indices, the sub-FM case); only parameters present
+    in both models are compared, i.e. what a layer-drop proxy actually shares.
+    """
+    if state is not None:
+        load_state(fm, proxy, state, proxy_layers)
+    modes = fm.training, proxy.training
+    fm.eval(), proxy.eval()
+    try:
+        return combine([batch_terms(fm, proxy, b, proxy_to_fm(proxy_layers)) for b in batches])
+    finally:
+        fm.train(modes[0]), proxy.train(modes[1])
+
+
+def proxy_to_fm(proxy_layers: Sequence[int] | None) -> dict[int, int] | None:
+    """Proxy layer j -> FM layer, or None when the indices are the same (sub-FM)."""
+    return {j: fm_i for j, fm_i in enumerate(proxy_layers)} if proxy_layers is not None else None
+
+
+def load_state(fm: nn.Module, proxy: nn.Module, state: Mapping[str, torch.Tensor],
+               proxy_layers: Sequence[int] | None = None) -> None:
+    """Load one adapter state (FM naming) into the FM and, for the layers it has, into the proxy."""
+    adapters.load_adapter_state(fm, state)
+    if proxy_layers is None:
+        adapters.load_adapter_state(proxy, state, strict=False)
+        return
+    fm_to_proxy = {fm_i: j for j, fm_i in enumerate(proxy_layers)}
+    adapters.load_adapter_state(proxy, {adapters.remap_layers(k, fm_to_proxy): v for k, v in state.items()
+                                        if adapters.layer_of(k) is None or adapters.layer_of(k) in fm_to_proxy},
+                                strict=False)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapters, align, data, models, parallel, subfm
+from . import adapters, align, data, discrepancy, models, parallel, subfm
 from .discrepancy import gradient_discrepancy
 from .distill import DistillConfig
 from .errors import ConfigError, check_choice, check_range
@@ -331,16 +331,23 @@ def sample_clients(cfg: FedConfig) -> list[list[int]]:
     return [sorted(rng.choice(cfg.data.clients, size=k, replace=False).tolist()) for _ in range(cfg.rounds)]
 
 
-def _discrepancy(setup: Setup, ws: Workspace) -> dict:
-    """Gradient discrepancy of the adapters already loaded in the FM and the server's proxy."""
-    if setup.proxy_is_fm:  # FedPETuning: the proxy is an exact copy of the FM, nothing to measure
+def _discrepancy_values(setup: Setup, d: discrepancy.Discrepancy | None) -> dict:
+    """The round record's discrepancy fields; ``None`` for FedPETuning, whose proxy is an exact FM copy."""
+    if d is None:
         n = models.num_layers(setup.fm)
         return {"grad_cosine": 1.0, "grad_rel_l2": 0.0, "layer_cosine": [1.0] * n, "layer_rel_l2": [0.0] * n,
                 "hidden_rel_mse": [0.0] * n, "logit_kl": 0.0}
-    d = gradient_discrepancy(setup.fm, setup.server_proxy, ws.probe_batches, proxy_layers=setup.proxy_layers)
     return {"grad_cosine": d.cosine, "grad_rel_l2": d.rel_l2,
             "layer_cosine": [x["cosine"] for x in d.per_layer], "layer_rel_l2": [x["rel_l2"] for x in d.per_layer],
             "hidden_rel_mse": d.hidden_rel_mse, "logit_kl": d.logit_kl}
+
+
+def _discrepancy(setup: Setup, ws: Workspace) -> dict:
+    """Gradient discrepancy of the adapters already loaded in the FM and the server's proxy, in one pass."""
+    if setup.proxy_is_fm:
+        return _discrepancy_values(setup, None)
+    return _discrepancy_values(setup, gradient_discrepancy(setup.fm, setup.server_proxy, ws.probe_batches,
+                                                           proxy_layers=setup.proxy_layers))
 
 
 def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor], workers: int | None = None,
@@ -349,9 +356,9 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     proxy's own accuracy and the gradient discrepancy between the two.
 
     Evaluation costs nearly as many FLOPs as a round of client training (300 test examples through two models
-    against 600 training examples through the proxy), so it runs side by side like the clients: the test
-    batches are dealt out in small chunks per model, one job each, plus one job for the discrepancy. Every job
-    is single-threaded, so the numbers do not depend on ``workers``.
+    against 600 training examples through the proxy), so it runs side by side like the clients: one job per
+    probe batch of the discrepancy, and the test batches dealt out in small chunks per model. Every job is
+    single-threaded and the parts are combined in a fixed order, so the numbers do not depend on ``workers``.
     """
     if fm:
         adapters.load_adapter_state(setup.fm, global_state, strict=False)
@@ -361,16 +368,21 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     to_score: dict[str, nn.Module] = {"accuracy": setup.fm} if fm else {}
     if not setup.proxy_is_fm:
         to_score["sub_accuracy"] = setup.server_proxy
+    layer_map = discrepancy.proxy_to_fm(setup.proxy_layers)
+    jobs: list[Callable[[], object]] = ([] if setup.proxy_is_fm else
+                                        [functools.partial(discrepancy.batch_terms, setup.fm, setup.server_proxy,
+                                                           batch, layer_map) for batch in ws.probe_batches])
+    keys = ["probe"] * len(jobs)
     n_chunks = 1 if workers == 1 else 2 * workers  # small chunks balance the load between the workers
-    jobs: list[Callable[[], object]] = [lambda: _discrepancy(setup, ws)]
-    keys: list[str] = ["discrepancy"]
     for key, model in to_score.items():
         for i in range(n_chunks):
             if ws.test_batches[i::n_chunks]:
                 jobs.append(functools.partial(count_correct, model, ws.test_batches[i::n_chunks]))
                 keys.append(key)
     results = parallel.run_jobs(jobs, workers)
-    out: dict = dict(results[0])
+    terms = [r for k, r in zip(keys, results) if k == "probe"]
+    with parallel.single_threaded_ops():  # its float64 reductions would otherwise round with the thread count
+        out = _discrepancy_values(setup, None if setup.proxy_is_fm else discrepancy.combine(terms))
     for key in to_score:
         counts = [r for k, r in zip(keys, results) if k == key]
         out[key] = sum(c for c, _ in counts) / max(1, sum(t for _, t in counts))

@@ -100,18 +100,23 @@ def test_without_dropout_training_ignores_the_global_random_state(tiny_ws, tiny_
 
 
 def test_side_by_side_evaluation_matches_a_plain_pass(tiny_ws, tiny_data_config):
-    """Chunked, multi-worker accuracy is the plain accuracy over all test batches (more batches than workers)."""
+    """Chunked, multi-worker evaluation equals a one-thread pass over all batches (more batches than workers),
+    bit for bit, for several adapters: float64 reductions included, whatever the caller's thread setting."""
     from fedpft_lab.workspace import _length_sorted_batches
 
     ws = dataclasses.replace(tiny_ws, test_batches=_length_sorted_batches(tiny_ws.test, 6, tiny_ws.pad_id))
     cfg = _cfg(tiny_data_config, method="fedpft-n")
     setup = fl.build_setup(cfg, ws, progress=False)
-    state = {k: v + 0.05 * torch.randn_like(v) for k, v in setup.init_state.items()}
-    got = fl.evaluate(setup, ws, state, workers=3)
-    with parallel.single_threaded_ops():
-        assert got["accuracy"] == fl.accuracy(setup.fm, ws.test_batches)
-        assert got["sub_accuracy"] == fl.accuracy(setup.server_proxy, ws.test_batches)
-        assert got == fl.evaluate(setup, ws, state, workers=1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in setup.init_state.items()}
+        got = fl.evaluate(setup, ws, state, workers=3)
+        with parallel.single_threaded_ops():
+            assert got["accuracy"] == fl.accuracy(setup.fm, ws.test_batches)
+            assert got["sub_accuracy"] == fl.accuracy(setup.server_proxy, ws.test_batches)
+            assert got == fl.evaluate(setup, ws, state, workers=1)
+            assert {k: got[k] for k in ("grad_cosine", "logit_kl")} == {
+                k: v for k, v in fl._discrepancy(setup, ws).items() if k in ("grad_cosine", "logit_kl")}
     assert got["sub_accuracy"] != got["accuracy"] or got["grad_cosine"] < 1.0
 
 
