@@ -292,16 +292,6 @@ def training_bench(ws: Workspace, cfg: BenchConfig, peak_flops: float | None) ->
     return {name: {"keep_ratio": keep_ratio, **r} for (name, keep_ratio), r in zip(keeps.items(), results.values())}
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def time_sequential(model: nn.Module, shard: data.EncodedSplit, pad_id: int, batch_size: int, lr: float,
                     clients: int, dropout: bool = False) -> float:
     """Wall time of ``clients`` epochs of ``local_train`` one after another, at the current thread setting."""
@@ -326,7 +316,7 @@ def schedule_bench(ws: Workspace, cfg: BenchConfig) -> dict:
     walls: dict[str, list[float]] = {"sequential_1_thread": [], all_threads: [], "side_by_side": [],
                                      "side_by_side_with_dropout": []}
     for _ in range(max(1, cfg.repeats - 1)):
-        with torch_threads(1):
+        with parallel.torch_threads(1):
             walls["sequential_1_thread"].append(time_sequential(model, shard, ws.pad_id, fed.batch_size, fed.lr,
                                                                 workers))
         if threads > 1:

@@ -151,12 +151,12 @@ def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapp
     modes = fm.training, proxy.training
     fm.eval(), proxy.eval()
     try:
-        return combine([batch_terms(fm, proxy, b, proxy_to_fm(proxy_layers)) for b in batches])
+        return combine([batch_terms(fm, proxy, b, layer_map(proxy_layers)) for b in batches])
     finally:
         fm.train(modes[0]), proxy.train(modes[1])
 
 
-def proxy_to_fm(proxy_layers: Sequence[int] | None) -> dict[int, int] | None:
+def layer_map(proxy_layers: Sequence[int] | None) -> dict[int, int] | None:
     """Proxy layer j -> FM layer, or None when the indices are the same (sub-FM)."""
     return {j: fm_i for j, fm_i in enumerate(proxy_layers)} if proxy_layers is not None else None
 

@@ -368,7 +368,7 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     to_score: dict[str, nn.Module] = {"accuracy": setup.fm} if fm else {}
     if not setup.proxy_is_fm:
         to_score["sub_accuracy"] = setup.server_proxy
-    layer_map = discrepancy.proxy_to_fm(setup.proxy_layers)
+    layer_map = discrepancy.layer_map(setup.proxy_layers)
     jobs: list[Callable[[], object]] = ([] if setup.proxy_is_fm else
                                         [functools.partial(discrepancy.batch_terms, setup.fm, setup.server_proxy,
                                                            batch, layer_map) for batch in ws.probe_batches])

@@ -37,14 +37,18 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def single_threaded_ops() -> Iterator[None]:
-    """Torch ops on one thread inside the block (torch's thread setting is process-wide), restored after."""
+def torch_threads(n: int) -> Iterator[None]:
+    """Torch ops on ``n`` threads inside the block (torch's thread setting is process-wide), restored after."""
     old = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def single_threaded_ops() -> contextlib.AbstractContextManager[None]:
+    return torch_threads(1)
 
 
 def run_jobs(jobs: Sequence[Callable[[], T]], workers: int | None = None) -> list[T]:
