@@ -402,8 +402,7 @@ def round_record(r: dict) -> dict:
 def eval_breakdown(setup: federation.Setup, ws: Workspace, workers: int) -> dict:
     """What a round's evaluation consists of, each part on one thread (its CPU cost): test accuracy of the
     FM and of the proxy, the gradient discrepancy; then all of it side by side as a round runs it."""
-    adapters.load_adapter_state(setup.fm, setup.init_state, strict=False)
-    adapters.load_adapter_state(setup.server_proxy, federation.to_proxy_names(setup.init_state, setup.proxy_layers))
+    setup.load_global(setup.init_state)
     parts = {"fm_accuracy_seconds": lambda: federation.accuracy(setup.fm, ws.test_batches),
              "proxy_accuracy_seconds": lambda: federation.accuracy(setup.server_proxy, ws.test_batches),
              "discrepancy_seconds": lambda: federation._discrepancy(setup, ws)}

@@ -158,7 +158,7 @@ def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapp
 
 def layer_map(proxy_layers: Sequence[int] | None) -> dict[int, int] | None:
     """Proxy layer j -> FM layer, or None when the indices are the same (sub-FM)."""
-    return {j: fm_i for j, fm_i in enumerate(proxy_layers)} if proxy_layers is not None else None
+    return adapters.layer_key_map(list(proxy_layers)) if proxy_layers is not None else None
 
 
 def load_state(fm: nn.Module, proxy: nn.Module, state: Mapping[str, torch.Tensor],

@@ -173,6 +173,13 @@ class Setup:
     proxy_params: int
     proxy_is_fm: bool = False            # FedPETuning: proxy == FM, so its accuracy/discrepancy need no evaluation
 
+    def load_global(self, state: dict[str, torch.Tensor], fm: bool = True) -> None:
+        """Put the global adapter (FM naming) into the server's proxy and, unless ``fm=False``, the FM; eval mode."""
+        if fm:
+            adapters.load_adapter_state(self.fm, state, strict=False)
+        adapters.load_adapter_state(self.server_proxy, to_proxy_names(state, self.proxy_layers))
+        self.fm.eval(), self.server_proxy.eval()
+
     def ensure_devices(self, n: int) -> list[nn.Module]:
         """At least ``n`` device proxies, new ones copied from the first (frozen weights included)."""
         while len(self.devices) < n:
@@ -360,10 +367,7 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     probe batch of the discrepancy, and the test batches dealt out in small chunks per model. Every job is
     single-threaded and the parts are combined in a fixed order, so the numbers do not depend on ``workers``.
     """
-    if fm:
-        adapters.load_adapter_state(setup.fm, global_state, strict=False)
-    adapters.load_adapter_state(setup.server_proxy, to_proxy_names(global_state, setup.proxy_layers))
-    setup.fm.eval(), setup.server_proxy.eval()  # before the jobs start: they share these models read-only
+    setup.load_global(global_state, fm=fm)  # before the jobs start: they share these models read-only
     workers = max(1, workers or parallel.default_workers())
     to_score: dict[str, nn.Module] = {"accuracy": setup.fm} if fm else {}
     if not setup.proxy_is_fm:
