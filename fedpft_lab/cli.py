@@ -31,6 +31,9 @@ def _add_data_args(p: argparse.ArgumentParser, clients_default: int | None = Non
     p.add_argument("--max-train", type=int, default=d.max_train, help="training examples used (all clients)")
     p.add_argument("--max-test", type=int, default=d.max_test, help="test examples used for evaluation")
     p.add_argument("--public-blocks", type=int, default=d.public_blocks, help="public-corpus blocks for distillation")
+    p.add_argument("--public", choices=("sentences", "blocks", "task"), default=d.public,
+                   help="server's unlabeled data: Wikipedia sentences (default), packed Wikipedia blocks, or "
+                        "held-out unlabeled tweets of the clients' domain (task)")
     balance = p.add_mutually_exclusive_group()
     balance.add_argument("--balance", dest="balanced", action="store_true", default=None,
                          help="take equally many examples of every label (default for tweets only)")
@@ -61,7 +64,7 @@ def _data_config(a: argparse.Namespace):
     from .workspace import DataConfig
 
     kw = dict(fm=a.fm, task=a.data or a.task, max_train=a.max_train, max_test=a.max_test,
-              public_blocks=a.public_blocks, balanced=a.balanced, seed=a.seed)
+              public=a.public, public_blocks=a.public_blocks, balanced=a.balanced, seed=a.seed)
     for name in ("clients", "partition", "alpha", "convention"):
         if hasattr(a, name):
             kw[name] = getattr(a, name)

@@ -303,6 +303,40 @@ def public_corpus_blocks(tokenizer: Any, block_size: int = 128, max_blocks: int 
     return blocks
 
 
+def fixed_length_rows(tokenizer: Any, texts: Sequence[str], length: int, max_rows: int | None) -> list[list[int]]:
+    """``[CLS] text [SEP]`` rows of exactly ``length`` tokens: longer texts are cut (their [SEP] kept), shorter
+    ones skipped, so distillation spends nothing on padding."""
+    rows: list[list[int]] = []
+    for start in range(0, len(texts), 512):
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+        batch = tokenizer(list(texts[start:start + 512]), add_special_tokens=True, verbose=False,
+                          return_attention_mask=False, return_token_type_ids=False)
+        rows.extend(ids[: length - 1] + ids[-1:] for ids in batch["input_ids"] if len(ids) >= length)
+    return rows[:max_rows] if max_rows is not None else rows
+
+
+def public_task_sentences(tokenizer: Any, task: TaskData, length: int = 32, max_blocks: int | None = 4096,
+                          seed: int = 0) -> torch.LongTensor:
+    """In-domain public data: unlabeled tweets that no client holds and the test set does not use.
+
+    The paper's public corpus is general text (Wikipedia); for tweets that is another domain, and the
+    sub-FM aligned on it matches the FM's hidden states on tweets far less well (a lesson of lab 06).
+    This is the alternative where the server owns unlabeled text of the clients' domain. Labels are dropped.
+    """
+    if task.name != "tweets":
+        raise ConfigError(f"public must be one of ['sentences', 'blocks'] for task {task.name!r}; "
+                          "'task' (unlabeled held-out examples) exists for the tweets only")
+    check_range("length", length, 4, getattr(tokenizer, "model_max_length", 512))
+    used = set(task.train["text"]) | set(task.test["text"])
+    texts = [t for t in _tweets_frame(0.0)["text"] if t not in used]
+    _rng(seed, 3).shuffle(texts)
+    rows = fixed_length_rows(tokenizer, texts, length, max_blocks)
+    if not rows:
+        raise ConfigError(f"length must be in [4, a tweet length], got {length}")
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def public_corpus_sentences(tokenizer: Any, length: int = 32, max_blocks: int | None = 4096,
                             seed: int = 0) -> torch.LongTensor:
     """The public corpus as single sentences, each ``[CLS] sentence [SEP]`` of exactly ``length`` tokens.
@@ -324,16 +358,7 @@ def public_corpus_sentences(tokenizer: Any, length: int = 32, max_blocks: int | 
     import re
 
     sentences = [s for text in public_corpus_texts(seed=seed) for s in re.split(r"(?<=[.!?])\s+", text)]
-    rows: list[list[int]] = []
-    for start in range(0, len(sentences), 512):
-        if max_blocks is not None and len(rows) >= max_blocks:
-            break
-        batch = tokenizer(sentences[start:start + 512], add_special_tokens=True, verbose=False,
-                          return_attention_mask=False, return_token_type_ids=False)
-        for ids in batch["input_ids"]:
-            if len(ids) >= length:
-                rows.append(ids[: length - 1] + ids[-1:])
-    rows = rows[:max_blocks] if max_blocks is not None else rows
+    rows = fixed_length_rows(tokenizer, sentences, length, max_blocks)
     if not rows:
         raise ConfigError(f"length must be in [4, a sentence length in the public corpus], got {length}")
     out = torch.tensor(rows, dtype=torch.long)

@@ -35,7 +35,9 @@ class DataConfig:
     # Equal examples of every label in train and test? None = the task's default: yes for the tweets (SST-2-like,
     # chance 50% instead of their 70% majority), no elsewhere (balancing wiki-topics would drop 2,000 to 1,144).
     balanced: bool | None = None
-    public: str = "sentences"        # "sentences": one [CLS] sentence [SEP] per row; "blocks": BERT-style packed text
+    # The server's unlabeled data. "sentences": Wikipedia, one [CLS] sentence [SEP] per row (the default, as in the
+    # paper: general text); "blocks": BERT-style packed Wikipedia; "task": held-out unlabeled tweets (in-domain).
+    public: str = "sentences"
     public_blocks: int = 4096
     block_size: int = 32
     probe_batches: int = 2
@@ -94,12 +96,15 @@ def prepare(cfg: DataConfig, fm: nn.Module | None = None) -> Workspace:
 
 
 def public_inputs(cfg: DataConfig, preprocessor, task: "data.TaskData") -> torch.Tensor:
-    """Server-side unlabeled data: Wikipedia blocks for text FMs; for images, the task's training images
-    without their labels (no public image corpus ships offline)."""
+    """Server-side unlabeled data. Text: Wikipedia, or with ``public="task"`` held-out task text without labels.
+    Images: the task's training images without their labels (no public image corpus ships offline)."""
     if task.modality == "image":
         train, _ = data.encode_task(task, preprocessor)
         return train.pixel_values[: cfg.public_blocks]
-    check_choice("public", cfg.public, ("sentences", "blocks"))
+    check_choice("public", cfg.public, ("sentences", "blocks", "task"))
+    if cfg.public == "task":
+        return data.public_task_sentences(preprocessor, task, length=cfg.block_size, max_blocks=cfg.public_blocks,
+                                          seed=cfg.seed)
     if cfg.public == "sentences":
         return data.public_corpus_sentences(preprocessor, length=cfg.block_size, max_blocks=cfg.public_blocks,
                                             seed=cfg.seed)

@@ -336,3 +336,33 @@ def test_balancing_is_on_by_default_for_the_tweets_only():
     assert DataConfig(task="wiki-topics", balanced=True).use_balanced and not DataConfig(balanced=False).use_balanced
     parse = build_parser().parse_args
     assert [parse(["run", *flag]).balanced for flag in ([], ["--balance"], ["--no-balance"])] == [None, True, False]
+
+
+def test_public_task_tweets_are_unlabeled_held_out_rows(tokenizer, monkeypatch):
+    task = load_task("tweets", seed=0, max_train=400, max_test=100)
+    seen: list[str] = []
+    real_rows = data.fixed_length_rows
+
+    def spy(tok, texts, length, max_rows):
+        seen.extend(texts)
+        return real_rows(tok, texts, length, max_rows)
+
+    monkeypatch.setattr(data, "fixed_length_rows", spy)
+    rows = data.public_task_sentences(tokenizer, task, length=20, max_blocks=300, seed=0)
+    assert rows.shape == (300, 20)
+    assert (rows[:, 0] == tokenizer.cls_token_id).all() and (rows[:, -1] == tokenizer.sep_token_id).all()
+    assert (rows == tokenizer.pad_token_id).sum() == 0
+    # drawn from tweets that neither a client nor the test set holds
+    assert len(seen) > 20_000 and not set(seen) & (set(task.train["text"]) | set(task.test["text"]))
+    assert torch.equal(rows, data.public_task_sentences(tokenizer, task, length=20, max_blocks=300, seed=0))
+    assert not torch.equal(rows, data.public_task_sentences(tokenizer, task, length=20, max_blocks=300, seed=1))
+
+
+def test_public_task_is_for_the_tweets_only(tokenizer):
+    from fedpft_lab.cli import build_parser
+
+    with pytest.raises(ConfigError, match="'task'.*tweets only"):
+        data.public_task_sentences(tokenizer, load_task("wiki-topics"), length=20, max_blocks=10)
+    assert build_parser().parse_args(["run", "--public", "task"]).public == "task"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--public", "tweets"])
