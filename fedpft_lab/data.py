@@ -328,6 +328,8 @@ def public_task_sentences(tokenizer: Any, task: TaskData, length: int = 32, max_
         raise ConfigError(f"public must be one of ['sentences', 'blocks'] for task {task.name!r}; "
                           "'task' (unlabeled held-out examples) exists for the tweets only")
     check_range("length", length, 4, getattr(tokenizer, "model_max_length", 512))
+    if max_blocks is not None:
+        check_range("max_blocks", max_blocks, 1, None)
     used = set(task.train["text"]) | set(task.test["text"])
     texts = [t for t in _tweets_frame(0.0)["text"] if t not in used]
     _rng(seed, 3).shuffle(texts)

@@ -363,6 +363,8 @@ def test_public_task_is_for_the_tweets_only(tokenizer):
 
     with pytest.raises(ConfigError, match="'task'.*tweets only"):
         data.public_task_sentences(tokenizer, load_task("wiki-topics"), length=20, max_blocks=10)
+    with pytest.raises(ConfigError, match="max_blocks"):
+        data.public_task_sentences(tokenizer, load_task("tweets", max_train=50, max_test=20), max_blocks=0)
     assert build_parser().parse_args(["run", "--public", "task"]).public == "task"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--public", "tweets"])
