@@ -150,8 +150,9 @@ def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapp
         load_state(fm, proxy, state, proxy_layers)
     modes = fm.training, proxy.training
     fm.eval(), proxy.eval()
+    proxy_to_fm = layer_map(proxy_layers)
     try:
-        return combine([batch_terms(fm, proxy, b, layer_map(proxy_layers)) for b in batches])
+        return combine([batch_terms(fm, proxy, b, proxy_to_fm) for b in batches])
     finally:
         fm.train(modes[0]), proxy.train(modes[1])
 
