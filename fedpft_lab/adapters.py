@@ -62,16 +62,26 @@ def adapter_state(model: nn.Module) -> AdapterState:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy ``state`` into the matching parameters of ``model`` (names must match; see :func:`layer_key_map`)."""
-    params = dict(model.named_parameters())
-    missing = [k for k in state if k not in params]
-    if missing and strict:
-        raise KeyError(f"adapter keys not in model: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the trainable parameters of ``model``: the plug-in.
+
+    Strict both ways, because a silent partial load is the worst failure a plug-in can have: a state key the
+    model lacks would be dropped, and a trainable parameter the state lacks would keep a *stale* adapter from an
+    earlier round, and the accuracy measured would belong to neither. Names must match exactly (see
+    :func:`layer_key_map` for layer-drop proxies).
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted(set(state) - set(params))
+    stale = sorted(set(params) - set(state))
+    if unknown or stale:
+        def show(keys: list[str]) -> str:
+            return f"{keys[:2]}{f' and {len(keys) - 2} more' if len(keys) > 2 else ''}"
+        raise KeyError(f"adapter state does not match the model's adapter: "
+                       f"{len(unknown)} keys not in the model {show(unknown)}, "
+                       f"{len(stale)} trainable parameters missing from the state {show(stale)}")
     with torch.no_grad():
         for k, v in state.items():
-            if k in params:
-                params[k].copy_(v)
+            params[k].copy_(v)
 
 
 def layer_of(name: str) -> int | None:

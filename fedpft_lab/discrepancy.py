@@ -157,6 +157,16 @@ def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapp
         fm.train(modes[0]), proxy.train(modes[1])
 
 
+def update_disparity(start: Mapping[str, torch.Tensor], proxy_state: Mapping[str, torch.Tensor],
+                     fm_state: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+    """(cosine, relative L2) of the adapter change a round made on the proxy vs on the FM, both from ``start``
+    (spec §7.5): the quantity FL actually plugs in. The FM's change is the reference."""
+    keys = sorted(start)
+    d_px = _flat({k: proxy_state[k].double() - start[k].double() for k in keys}, keys)
+    d_fm = _flat({k: fm_state[k].double() - start[k].double() for k in keys}, keys)
+    return _cos_rel(d_px, d_fm)
+
+
 def layer_map(proxy_layers: Sequence[int] | None) -> dict[int, int] | None:
     """Proxy layer j -> FM layer, or None when the indices are the same (sub-FM)."""
     return adapters.layer_key_map(list(proxy_layers)) if proxy_layers is not None else None
@@ -167,9 +177,8 @@ def load_state(fm: nn.Module, proxy: nn.Module, state: Mapping[str, torch.Tensor
     """Load one adapter state (FM naming) into the FM and, for the layers it has, into the proxy."""
     adapters.load_adapter_state(fm, state)
     if proxy_layers is None:
-        adapters.load_adapter_state(proxy, state, strict=False)
+        adapters.load_adapter_state(proxy, state)
         return
     fm_to_proxy = {fm_i: j for j, fm_i in enumerate(proxy_layers)}
     adapters.load_adapter_state(proxy, {adapters.remap_layers(k, fm_to_proxy): v for k, v in state.items()
-                                        if adapters.layer_of(k) is None or adapters.layer_of(k) in fm_to_proxy},
-                                strict=False)
+                                        if adapters.layer_of(k) is None or adapters.layer_of(k) in fm_to_proxy})

@@ -37,10 +37,11 @@ from . import adapters, align, data, discrepancy, models, parallel, subfm
 from .discrepancy import gradient_discrepancy
 from .distill import DistillConfig
 from .errors import ConfigError, check_choice, check_range
+from .version import code_version
 from .workspace import DataConfig, Workspace, atomic_save, ffn_state, load_ffn_state, prepare, sub_fm
 
-METHODS = ("fedpft", "fedpetuning", "fedot", "fedpft-n", "fedpft-b", "fedpft-d")
-METHOD_NAMES = {"fedpft": "FedPFT", "fedpetuning": "FedPETuning", "fedot": "FedOT",
+METHODS = ("fedpft", "fedpetuning", "fedot", "fedot-all", "fedpft-n", "fedpft-b", "fedpft-d")
+METHOD_NAMES = {"fedpft": "FedPFT", "fedpetuning": "FedPETuning", "fedot": "FedOT", "fedot-all": "FedOT-all",
                 "fedpft-n": "FedPFT-N", "fedpft-b": "FedPFT-B", "fedpft-d": "FedPFT-D"}
 LR_SCHEDULES = ("linear", "exp", "constant")
 
@@ -77,6 +78,10 @@ class FedConfig:
     align_batch_size: int = 16
     align_lr: float = 6e-4
     align_rule: str = "mean-abs"
+    # Also measure the update disparity each round (spec §7.5): the first sampled client's round trained once
+    # more through the FM, from the same adapter and data order, against its proxy update. A measurement only
+    # (the run's trajectory is unchanged); it costs one FM client job per round, so the workshop run skips it.
+    measure_update: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,7 +103,7 @@ class FedConfig:
     # -- what each method does -----------------------------------------------------------------------
     @property
     def proxy_kind(self) -> str:
-        return {"fedpetuning": "fm", "fedot": "layer-drop"}.get(self.method, "sub-fm")
+        return {"fedpetuning": "fm", "fedot": "layer-drop", "fedot-all": "layer-drop"}.get(self.method, "sub-fm")
 
     @property
     def distil_before(self) -> bool:
@@ -153,6 +158,40 @@ def with_method(cfg: FedConfig, method: str) -> FedConfig:
     return replace(cfg, method=method)
 
 
+_ALIGN_FIELDS = ("align_interval", "align_proportion", "align_steps", "align_batch_size", "align_lr", "align_rule")
+_DISTILL_FIELDS = ("distill_steps", "distill_batch_size", "distill_lr")
+_PUBLIC_FIELDS = ("public", "public_blocks", "block_size")
+
+
+def result_config(cfg: FedConfig) -> dict:
+    """The fields of ``cfg`` that can change ``cfg.method``'s result, as JSON: the one place that knows which.
+
+    A run cache keyed by every field would redo FedPFT-B's hour when only the alignment interval changed
+    (FedPFT-B never aligns); one keyed by too few would serve a stale run. So: alignment fields only for methods
+    that align, distillation fields only for those that distil before FL, public data only for those that use
+    it, proxy-shape fields only for methods with a proxy, LoRA dropout only with dropout on.
+    """
+    out = cfg.to_json()
+    data = out["data"]
+    drop: list[str] = []
+    if not cfg.align_during:
+        drop += _ALIGN_FIELDS
+    if not cfg.distil_before:
+        drop += _DISTILL_FIELDS
+    if not (cfg.align_during or cfg.distil_before):
+        for k in _PUBLIC_FIELDS:
+            data.pop(k)
+    if cfg.proxy_kind == "fm":
+        drop += ["keep_ratio", "retained_layers", "selection"]
+    if cfg.proxy_kind == "layer-drop":
+        drop += ["selection"]        # the emulator's size follows the sub-FM's parameter count, not its neurons
+    if not cfg.dropout:
+        drop += ["lora_dropout"]
+    for k in drop:
+        out.pop(k)
+    return out
+
+
 # --------------------------------------------------------------------------- the proxy and the two models
 
 @dataclass
@@ -172,13 +211,24 @@ class Setup:
     fm_params: int
     proxy_params: int
     proxy_is_fm: bool = False            # FedPETuning: proxy == FM, so its accuracy/discrepancy need no evaluation
+    fm_trainer: nn.Module | None = None  # a trainable FM copy for the update disparity, made on first use
 
     def load_global(self, state: dict[str, torch.Tensor], fm: bool = True) -> None:
         """Put the global adapter (FM naming) into the server's proxy and, unless ``fm=False``, the FM; eval mode."""
         if fm:
-            adapters.load_adapter_state(self.fm, state, strict=False)
+            adapters.load_adapter_state(self.fm, state)
         adapters.load_adapter_state(self.server_proxy, to_proxy_names(state, self.proxy_layers))
         self.fm.eval(), self.server_proxy.eval()
+
+    def trainable_fm(self) -> nn.Module:
+        """The FM copy that replays a client's round for the update disparity (never the evaluated FM)."""
+        if self.fm_trainer is None:
+            self.fm_trainer = copy.deepcopy(self.fm)
+        return self.fm_trainer
+
+    def frozen_bytes(self) -> int:
+        """What a client downloads once before its first round: every frozen weight of its proxy."""
+        return adapters.nbytes(p for p in self.server_proxy.parameters() if not p.requires_grad)
 
     def ensure_devices(self, n: int) -> list[nn.Module]:
         """At least ``n`` device proxies, new ones copied from the first (frozen weights included)."""
@@ -203,7 +253,12 @@ def build_setup(cfg: FedConfig, ws: Workspace, progress: bool = True, stop: thre
         proxy = subfm.build_layer_drop(ws.fm, proxy_layers)
     fm_params, proxy_params = models.transformer_params(ws.fm), models.transformer_params(proxy)
     n_fm = models.num_layers(ws.fm)
-    adapter_layers = (sorted(cfg.sub_config().retained(n_fm)) if proxy_layers is not None else list(range(n_fm)))
+    if proxy_layers is None:
+        adapter_layers = list(range(n_fm))
+    elif cfg.method == "fedot-all":        # LoRA in every kept layer, each plugged into the FM layer it came from
+        adapter_layers = list(proxy_layers)
+    else:                                  # FedOT: LoRA in the bottom/top adapter layers only
+        adapter_layers = sorted(cfg.sub_config().retained(n_fm))
     fm = adapters.add_lora(copy.deepcopy(ws.fm), lora, adapter_layers, seed=cfg.seed)
     proxy_ids = ([j for j, i in enumerate(proxy_layers) if i in adapter_layers] if proxy_layers is not None
                  else adapter_layers)
@@ -277,26 +332,46 @@ def client_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd:
     model = device if device is not None else setup.devices[0]
     adapters.load_adapter_state(model, to_proxy_names(global_state, setup.proxy_layers))
     shard = ws.train.subset(ws.parts[client])
-    seed = (cfg.seed * 1_000_003 + rnd * 1009 + client) % 2**31
     recorder = align.ActivationRecorder(model, setup.compressed) if record_stats and setup.compressed else None
     with recorder if recorder is not None else contextlib.nullcontext():
         local_train(model, shard, cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd), cfg.max_grad_norm,
-                    seed, ws.pad_id, recorder, dropout=cfg.dropout)
+                    client_seed(cfg, rnd, client), ws.pad_id, recorder, dropout=cfg.dropout)
     state = to_fm_names(adapters.adapter_state(model), setup.proxy_layers)
     return ClientUpdate(client, state, len(shard), recorder.stats if recorder else {}, time.perf_counter() - t0)
 
 
+def client_seed(cfg: FedConfig, rnd: int, client: int) -> int:
+    """The seed of ``client``'s data order (and dropout) in round ``rnd``: the same whichever model trains."""
+    return (cfg.seed * 1_000_003 + rnd * 1009 + client) % 2**31
+
+
+def fm_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int,
+              global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``client``'s round replayed on the FM itself: same start, data order, lr and steps (spec §7.5).
+
+    Its difference from the proxy's update is what plugging the proxy-trained adapter into the FM gets wrong.
+    """
+    model = setup.trainable_fm()
+    adapters.load_adapter_state(model, global_state)
+    local_train(model, ws.train.subset(ws.parts[client]), cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd),
+                cfg.max_grad_norm, client_seed(cfg, rnd, client), ws.pad_id, dropout=cfg.dropout)
+    return adapters.adapter_state(model)
+
+
 def train_clients(cfg: FedConfig, setup: Setup, ws: Workspace, clients: list[int], rnd: int,
                   global_state: dict[str, torch.Tensor], record_stats: bool,
-                  workers: int | None = None) -> list[ClientUpdate]:
+                  workers: int | None = None, extra: list[Callable[[], object]] | None = None) -> list:
     """Every sampled client's round, up to ``workers`` clients at a time, each on one thread with its own
     device proxy (see :mod:`fedpft_lab.parallel`); the updates do not depend on ``workers``.
 
-    With ``cfg.dropout`` the clients take turns: dropout masks come from torch's one global random generator.
+    ``extra`` jobs (the FM replay of the update disparity) share the same workers; their results follow the
+    clients' updates in the returned list. With ``cfg.dropout`` everything takes turns: dropout masks come from
+    torch's one global random generator.
     """
-    workers = 1 if cfg.dropout else max(1, min(workers or parallel.default_workers(), len(clients)))
+    extra = extra or []
+    workers = 1 if cfg.dropout else max(1, min(workers or parallel.default_workers(), len(clients) + len(extra)))
     free: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
-    for device in setup.ensure_devices(workers):
+    for device in setup.ensure_devices(min(workers, len(clients))):
         free.put(device)
 
     def job(client: int) -> Callable[[], ClientUpdate]:
@@ -308,7 +383,7 @@ def train_clients(cfg: FedConfig, setup: Setup, ws: Workspace, clients: list[int
                 free.put(device)
         return train
 
-    return parallel.run_jobs([job(k) for k in clients], workers)
+    return parallel.run_jobs([job(k) for k in clients] + extra, workers)
 
 
 # --------------------------------------------------------------------------- server side
@@ -339,13 +414,19 @@ def sample_clients(cfg: FedConfig) -> list[list[int]]:
 
 
 def _discrepancy_values(setup: Setup, d: discrepancy.Discrepancy | None) -> dict:
-    """The round record's discrepancy fields; ``None`` for FedPETuning, whose proxy is an exact FM copy."""
+    """The round record's discrepancy fields; ``None`` for FedPETuning, whose proxy is an exact FM copy.
+
+    Per-layer lists are indexed by FM layer (``None`` where the proxy shares no adapter with that layer), so
+    FedOT's two adapter layers land in FM columns 0 and L-1 of every plot, not in columns 0 and 1.
+    """
+    n = models.num_layers(setup.fm)
     if d is None:
-        n = models.num_layers(setup.fm)
         return {"grad_cosine": 1.0, "grad_rel_l2": 0.0, "layer_cosine": [1.0] * n, "layer_rel_l2": [0.0] * n,
                 "hidden_rel_mse": [0.0] * n, "logit_kl": 0.0}
+    by_layer = {x["layer"]: x for x in d.per_layer}
     return {"grad_cosine": d.cosine, "grad_rel_l2": d.rel_l2,
-            "layer_cosine": [x["cosine"] for x in d.per_layer], "layer_rel_l2": [x["rel_l2"] for x in d.per_layer],
+            "layer_cosine": [by_layer[i]["cosine"] if i in by_layer else None for i in range(n)],
+            "layer_rel_l2": [by_layer[i]["rel_l2"] if i in by_layer else None for i in range(n)],
             "hidden_rel_mse": d.hidden_rel_mse, "logit_kl": d.logit_kl}
 
 
@@ -412,19 +493,48 @@ class RunState:
     server_ffn: dict[str, torch.Tensor]
     device_ffn: dict[str, torch.Tensor]
     records: list[dict]
+    # W_fro accounting: the neurons each alignment changed (layer -> indices), and for every client that has
+    # taken part, how many of those alignments its copy of the proxy already holds.
+    alignments: list[dict[int, list[int]]] = field(default_factory=list)
+    synced: dict[int, int] = field(default_factory=dict)
+
+
+def weights_download(setup: Setup, state: RunState, client: int) -> int:
+    """Bytes of frozen proxy weights ``client`` must download before training this round.
+
+    A client's first round: the whole proxy. Later: the union of what every alignment since its last round
+    changed (a client that missed two alignments gets both changes, each neuron's slice once, at its latest
+    value). This is an exact count of what a real deployment must send; the simulation itself simply keeps
+    every device proxy at the server's latest weights.
+    """
+    if client not in state.synced:
+        return setup.frozen_bytes()
+    missed = state.alignments[state.synced[client]:]
+    if not missed:
+        return 0
+    union: dict[int, set[int]] = {}
+    for changed in missed:
+        for layer, idx in changed.items():
+            union.setdefault(int(layer), set()).update(idx)
+    slices = {layer: torch.tensor(sorted(idx), dtype=torch.long) for layer, idx in union.items()}
+    return adapters.nbytes(align.weight_package(models.unwrap(setup.server_proxy), slices))
 
 
 def summary(cfg: FedConfig, setup: Setup, records: list[dict]) -> dict:
+    """The metrics file. ``final_accuracy`` (the last round's) is the headline; ``best_accuracy`` is the best
+    round *picked on the test set*, an optimistic number kept for comparison with papers that may report it."""
     accs = [r["accuracy"] for r in records if r["round"] > 0]
     trainable = sum(v.numel() for v in setup.init_state.values())
     return {
         "config": cfg.to_json(),
         "method": cfg.method,
+        "code_version": code_version(),
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
         "params": {"fm_transformer": setup.fm_params, "sub_transformer": setup.proxy_params,
                    "trainable": trainable},
         "cost": {"bytes_up": sum(r["bytes_up"] for r in records), "bytes_down": sum(r["bytes_down"] for r in records),
+                 "bytes_down_weights": sum(r.get("bytes_down_weights", 0) for r in records),
                  "client_seconds": sum(r["client_seconds"] for r in records),
                  "seconds": sum(r["seconds"] for r in records)},
         "distill_loss": setup.distill_loss,
@@ -456,14 +566,17 @@ def cached_run(cfg: FedConfig, ws: Workspace | None = None, progress: bool = Tru
     """
     from . import paths
 
-    # the key also covers library-level choices that FedConfig does not name (e.g. which layers distillation matches)
-    key = paths.config_key({"config": cfg.to_json(), "distill": asdict(cfg.distill_config()),
-                            "align": asdict(cfg.align_config(1))})
+    # Only what can change this method's result (FedPFT-B's key has no alignment fields), plus the code's results
+    # version and the library-level choices FedConfig does not name (e.g. which layers distillation matches).
+    key = paths.config_key({"config": result_config(cfg), "code": code_version()["results"],
+                            "distill": asdict(cfg.distill_config()) if cfg.distil_before else None,
+                            "align": asdict(cfg.align_config(1)) if cfg.align_during else None})
     out = paths.cache_dir() / "runs" / f"{cfg.method}-{key}"
     done = out / "metrics.json"
     if done.exists():
         metrics = json.loads(done.read_text())
-        if len(metrics["rounds"]) == cfg.rounds + 1:
+        if len(metrics["rounds"]) == cfg.rounds + 1 and result_config(FedConfig.from_json(metrics["config"])) \
+                == result_config(cfg):
             if on_round is not None:
                 for r in metrics["rounds"]:
                     on_round(r)
@@ -520,21 +633,31 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
     """One communication round (``rnd == 0``: evaluate A_0 only, the reference point of every curve)."""
     t0 = time.perf_counter()
     record: dict = {"round": rnd, "clients": clients, "lr": cfg.lr_at(rnd) if rnd else 0.0, "aligned": False,
-                    "bytes_up": 0, "bytes_down": 0, "client_seconds": 0.0, "train_seconds": 0.0}
+                    "bytes_up": 0, "bytes_down": 0, "bytes_down_weights": 0, "client_seconds": 0.0,
+                    "train_seconds": 0.0}
     if rnd > 0:
-        pkg_bytes = adapters.nbytes(state.package)
-        if state.package:  # the W_fro package rides along with this round's broadcast
+        if state.package:  # the latest W_fro rides along with this round's broadcast (see weights_download)
             for device in setup.devices:
                 align.apply_weight_package(models.unwrap(device), state.package)
             state.package = {}
+        weights = [weights_download(setup, state, k) for k in clients]
+        state.synced.update({k: len(state.alignments) for k in clients})
         aligning = cfg.aligns_in(rnd)
+        measure = cfg.measure_update and not setup.proxy_is_fm
+        start = state.global_state
+        extra = [functools.partial(fm_update, cfg, setup, ws, clients[0], rnd, start)] if measure else []
         t_train = time.perf_counter()
-        updates = train_clients(cfg, setup, ws, clients, rnd, state.global_state, aligning, workers)
+        results = train_clients(cfg, setup, ws, clients, rnd, start, aligning, workers, extra=extra)
+        updates: list[ClientUpdate] = results[:len(clients)]
         record["train_seconds"] = time.perf_counter() - t_train  # wall time; client_seconds adds up every client's
-        down = adapters.nbytes(to_proxy_names(state.global_state, setup.proxy_layers))
-        record["bytes_down"] = len(clients) * (down + pkg_bytes)
+        adapter_down = adapters.nbytes(to_proxy_names(start, setup.proxy_layers))
+        record["bytes_down_weights"] = sum(weights)
+        record["bytes_down"] = len(clients) * adapter_down + sum(weights)
         record["bytes_up"] = sum(u.nbytes() for u in updates)
         record["client_seconds"] = sum(u.seconds for u in updates)
+        if measure:
+            cos, rel = discrepancy.update_disparity(start, updates[0].adapter, results[-1])
+            record.update(update_client=clients[0], update_cosine=cos, update_rel_l2=rel)
         state.global_state = adapters.fedavg([u.adapter for u in updates], [u.num_examples for u in updates])
     t_eval = time.perf_counter()
     record.update(evaluate(setup, ws, state.global_state, workers))
@@ -545,6 +668,7 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
         updated = align.choose_updated(stats, cfg.align_proportion, cfg.align_rule, seed=cfg.seed + rnd)
         result = align.align_neurons(setup.fm, setup.server_proxy, ws.public, updated, cfg.align_config(rnd))
         state.package = align.weight_package(models.unwrap(setup.server_proxy), updated)
+        state.alignments.append({int(layer): idx.tolist() for layer, idx in updated.items()})
         record["aligned"] = True
         record["align_loss"] = result.losses
         record["align_seconds"] = time.perf_counter() - t_align
@@ -562,7 +686,8 @@ def _save(out: Path, cfg: FedConfig, setup: Setup, state: RunState, metrics: dic
                  "global_state": state.global_state, "package": state.package,
                  "server_ffn": ffn_state(models.unwrap(setup.server_proxy), setup.compressed),
                  "device_ffn": ffn_state(models.unwrap(setup.devices[0]), setup.compressed),
-                 "records": json.dumps(state.records)}, out / "checkpoint.pt")
+                 "records": json.dumps(state.records), "alignments": json.dumps(state.alignments),
+                 "synced": json.dumps(state.synced)}, out / "checkpoint.pt")
     _atomic_json(metrics, out / "metrics.json")
 
 
@@ -574,5 +699,10 @@ def _load_checkpoint(out: Path, cfg: FedConfig, setup: Setup) -> RunState:
     load_ffn_state(models.unwrap(setup.server_proxy), blob["server_ffn"])
     for device in setup.devices:
         load_ffn_state(models.unwrap(device), blob["device_ffn"])
+    if "synced" not in blob:
+        raise ConfigError(f"--resume: {out / 'checkpoint.pt'} was written by an older version of the lab; "
+                          "start afresh with another --out")
+    alignments = [{int(k): v for k, v in a.items()} for a in json.loads(blob["alignments"])]
+    synced = {int(k): v for k, v in json.loads(blob["synced"]).items()}
     return RunState(blob["next_round"], blob["global_state"], blob["package"], blob["server_ffn"],
-                    blob["device_ffn"], json.loads(blob["records"]))
+                    blob["device_ffn"], json.loads(blob["records"]), alignments, synced)

@@ -6,6 +6,7 @@ keyed by its full configuration (only the trained FFN tensors are stored, everyt
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
@@ -15,7 +16,8 @@ from torch import nn
 
 from . import data, models, paths, subfm
 from .data import atomic_torch_save as atomic_save  # noqa: F401  (re-exported for federation)
-from .errors import check_choice
+from .errors import ConfigError, check_choice
+from .version import RESULTS_VERSION
 from .distill import DistillConfig, distill, layer_gaps
 from .partition import partition
 
@@ -59,7 +61,8 @@ class Workspace:
     train: "data.EncodedSplit"
     test: "data.EncodedSplit"
     parts: list[np.ndarray]          # client -> indices into train
-    public: torch.Tensor             # public-corpus blocks (server side, unlabeled)
+    public: torch.Tensor             # public-corpus blocks the server distils and aligns on (unlabeled)
+    public_heldout: torch.Tensor     # a few more, never trained on: where the layer gaps are measured
     test_batches: list[dict] = field(default_factory=list)
     probe_batches: list[dict] = field(default_factory=list)
 
@@ -85,14 +88,24 @@ def prepare(cfg: DataConfig, fm: nn.Module | None = None) -> Workspace:
     train, test = data.encode_task(task, pre)
     parts = partition(train.labels, cfg.clients, scheme=cfg.partition, alpha=cfg.alpha, seed=cfg.seed,
                       convention=cfg.convention)
-    public = public_inputs(cfg, pre, task)
-    ws = Workspace(cfg, fm, pre, task, train, test, parts, public)
+    public, heldout = split_heldout(public_inputs(cfg, pre, task))
+    ws = Workspace(cfg, fm, pre, task, train, test, parts, public, heldout)
     ws.test_batches = _length_sorted_batches(test, cfg.eval_batch_size, ws.pad_id)
     rng = np.random.default_rng(cfg.seed + 7)
     probe_idx = rng.permutation(len(test))[: cfg.probe_batches * cfg.probe_batch_size]
     ws.probe_batches = [data.pad_batch(test, probe_idx[i:i + cfg.probe_batch_size], ws.pad_id)
                         for i in range(0, len(probe_idx), cfg.probe_batch_size)]
     return ws
+
+
+def split_heldout(public: torch.Tensor, max_heldout: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distillation rows, held-out rows): an eighth of the public rows, at most ``max_heldout``, at least one,
+    are kept out of distillation and alignment, so "the gap after distillation" is measured on data the sub-FM
+    was not fitted to (on training rows it would flatter the distillation)."""
+    n = min(max_heldout, max(1, len(public) // 8))
+    if len(public) < 2:
+        raise ConfigError(f"public_blocks must be >= 2 (one to distil on, one held out), got {len(public)} rows")
+    return public[n:], public[:n]
 
 
 def public_inputs(cfg: DataConfig, preprocessor, task: "data.TaskData") -> torch.Tensor:
@@ -133,6 +146,29 @@ def load_ffn_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         getattr(mod, name).copy_(value)
 
 
+def tensor_digest(t: torch.Tensor) -> str:
+    """A content hash of a tensor (dtype, shape and bytes): two different corpora never share a digest."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def subfm_key(ws: Workspace, sub_cfg: subfm.SubFMConfig, distill_cfg: DistillConfig) -> str:
+    """Everything the distilled FFNs depend on, and nothing else.
+
+    In: the FM, the compression plan, the distillation budget, the *content* of the public rows it trains on
+    (so a changed corpus or tokenizer can never be served a stale sub-FM) and the results version of the code.
+    Out: the task's label count and the run's seed (the head is never distilled; the random neuron choice is
+    the one place a seed matters, and it is in ``sub_cfg``), so a 5-class CSV reuses the tweets' sub-FM.
+    """
+    sub = asdict(sub_cfg)
+    if sub_cfg.selection == "saliency":
+        sub.pop("seed")                      # saliency selection is deterministic
+    return paths.config_key({"fm": ws.cfg.fm, "sub": sub, "distill": asdict(distill_cfg),
+                             "public": tensor_digest(ws.public), "code": RESULTS_VERSION})
+
+
 @dataclass
 class SubFM:
     model: nn.Module
@@ -149,11 +185,8 @@ def sub_fm(ws: Workspace, sub_cfg: subfm.SubFMConfig, distill_cfg: DistillConfig
     info = subfm.plan_sub_fm(ws.fm, sub_cfg)
     model = subfm.apply_plan(ws.fm, info)
     match = info.compressed
-    key = paths.config_key({"fm": ws.cfg.fm, "num_labels": ws.task.num_labels, "sub": asdict(sub_cfg),
-                            "distill": asdict(distill_cfg), "public": [ws.cfg.public, ws.cfg.public_blocks, ws.cfg.block_size,
-                                                                       ws.cfg.seed, ws.task.modality]})
-    path = paths.cache_dir() / f"subfm-{key}.pt"
-    gap_inputs = ws.public[:64]
+    path = paths.cache_dir() / f"subfm-{subfm_key(ws, sub_cfg, distill_cfg)}.pt"
+    gap_inputs = ws.public_heldout
     if use_cache and distill_cfg.steps > 0 and path.exists():
         blob = torch.load(path, weights_only=True)
         load_ffn_state(model, blob["ffn"])

@@ -70,10 +70,81 @@ def test_every_method_runs_and_reports(tiny_ws, tiny_data_config):
         if method in ("fedpft", "fedpft-d"):
             r1 = m["rounds"][1]
             assert "before_align" in r1 and r1["align_loss"]
-            # the W_fro package rides with round 2's broadcast
-            assert m["rounds"][2]["bytes_down"] > m["rounds"][1]["bytes_down"]
+        # round 1: every sampled client downloads its whole proxy first (counted, not free)
+        frozen = fl.build_setup(_cfg(tiny_data_config, method=method), tiny_ws, progress=False).frozen_bytes()
+        assert m["rounds"][1]["bytes_down_weights"] == len(m["rounds"][1]["clients"]) * frozen, method
+        assert m["rounds"][1]["bytes_down"] > m["rounds"][1]["bytes_down_weights"]
         ratio = m["params"]["sub_transformer"] / m["params"]["fm_transformer"]
         assert ratio == 1.0 if method == "fedpetuning" else ratio < 0.9
+
+
+def test_fedot_all_trains_every_kept_layer_and_plugs_each_into_its_fm_layer(tiny_ws, tiny_data_config):
+    setup = fl.build_setup(_cfg(tiny_data_config, method="fedot-all"), tiny_ws, progress=False)
+    layers = {adapters.layer_of(k) for k in setup.init_state} - {None}
+    assert layers == set(setup.proxy_layers) and len(layers) > 2
+    proxy_state = adapters.adapter_state(setup.server_proxy)   # proxy naming: layers 0..len-1
+    assert {adapters.layer_of(k) for k in proxy_state} - {None} == set(range(len(setup.proxy_layers)))
+    back = fl.to_fm_names(proxy_state, setup.proxy_layers)
+    assert set(back) == set(setup.init_state)
+
+
+def test_per_layer_metrics_are_indexed_by_fm_layer(tiny_ws, tiny_data_config):
+    """FedOT's adapter layers are FM layers 0 and 3: their values must sit in columns 0 and 3, not 0 and 1."""
+    m = fl.run(_cfg(tiny_data_config, method="fedot", rounds=1), tiny_ws, progress=False)
+    for r in m["rounds"]:
+        assert len(r["layer_cosine"]) == 4 and len(r["layer_rel_l2"]) == 4
+        assert [v is not None for v in r["layer_cosine"]] == [True, False, False, True]
+
+
+def test_plug_in_is_strict(tiny_ws, tiny_data_config):
+    setup = fl.build_setup(_cfg(tiny_data_config, method="fedpft-n"), tiny_ws, progress=False)
+    state = dict(setup.init_state)
+    renamed = {k.replace("lora_A", "lora_a"): v for k, v in state.items()}
+    with pytest.raises(KeyError, match="keys not in the model"):
+        setup.load_global(renamed)
+    partial = {k: v for k, v in state.items() if "layer.1." not in k}
+    with pytest.raises(KeyError, match="missing from the state"):
+        setup.load_global(partial)       # a silently skipped layer would keep a stale adapter
+    setup.load_global(state)
+
+
+def test_result_config_keys_only_what_changes_a_method(tiny_data_config):
+    base = _cfg(tiny_data_config)
+    for method in fl.METHODS:
+        cfg = dataclasses.replace(base, method=method)
+        moved = dataclasses.replace(cfg, align_interval=7, align_steps=99)
+        assert (fl.result_config(cfg) == fl.result_config(moved)) == (method not in ("fedpft", "fedpft-d")), method
+        distil = dataclasses.replace(cfg, distill_steps=17)
+        assert (fl.result_config(cfg) == fl.result_config(distil)) == (method not in ("fedpft", "fedpft-b")), method
+        for changed in (dataclasses.replace(cfg, seed=5), dataclasses.replace(cfg, lr=0.1),
+                        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, alpha=0.3))):
+            assert fl.result_config(cfg) != fl.result_config(changed), method
+    pet = dataclasses.replace(base, method="fedpetuning")
+    assert fl.result_config(pet) == fl.result_config(dataclasses.replace(pet, keep_ratio=0.5))
+
+
+def test_update_disparity_replays_the_first_client_on_the_fm(tiny_ws, tiny_data_config):
+    from fedpft_lab import discrepancy
+
+    cfg = _cfg(tiny_data_config, method="fedpft-n", rounds=2, measure_update=True)
+    m = fl.run(cfg, tiny_ws, progress=False)
+    for r in m["rounds"][1:]:
+        assert r["update_client"] == r["clients"][0]
+        assert -1.0 <= r["update_cosine"] <= 1.0 and r["update_rel_l2"] >= 0
+    # independent recomputation of round 1 from the same start
+    setup = fl.build_setup(cfg, tiny_ws, progress=False)
+    k = m["rounds"][1]["clients"][0]
+    px = fl.client_update(cfg, setup, tiny_ws, k, 1, setup.init_state, False).adapter
+    fm = fl.fm_update(cfg, setup, tiny_ws, k, 1, setup.init_state)
+    keys = sorted(setup.init_state)
+    d_px = torch.cat([(px[q] - setup.init_state[q]).double().flatten() for q in keys])
+    d_fm = torch.cat([(fm[q] - setup.init_state[q]).double().flatten() for q in keys])
+    cos = float(d_px @ d_fm / (d_px.norm() * d_fm.norm()))
+    assert m["rounds"][1]["update_cosine"] == pytest.approx(cos, abs=1e-9)
+    assert discrepancy.update_disparity(setup.init_state, setup.init_state | {}, fm)[1] == pytest.approx(1.0)
+    # keep ratio 1: the proxy is the FM, so both replays are the same computation
+    same = fl.run(dataclasses.replace(cfg, keep_ratio=1.0, rounds=1), tiny_ws, progress=False)
+    assert same["rounds"][1]["update_cosine"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_fedot_trains_only_adapter_layers(tiny_ws, tiny_data_config):
@@ -107,6 +178,48 @@ def test_client_update_does_not_depend_on_previous_clients(tiny_ws, tiny_data_co
     fl.client_update(cfg, setup, tiny_ws, 0, 1, setup.init_state, False)  # another client trains first
     after = fl.client_update(cfg, setup, tiny_ws, 2, 1, setup.init_state, False).adapter
     assert all(torch.equal(alone[k], after[k]) for k in alone)
+
+
+# ----------------------------------------------------------------------------- W_fro accounting
+
+def test_weights_download_counts_first_proxy_and_every_missed_alignment(tiny_ws, tiny_data_config):
+    from fedpft_lab import align, models
+
+    setup = fl.build_setup(_cfg(tiny_data_config, method="fedpft"), tiny_ws, progress=False)
+    proxy = models.unwrap(setup.server_proxy)
+    layer = setup.compressed[0]
+    a1, a2 = {layer: [0, 1, 2]}, {layer: [2, 3]}
+    state = fl.RunState(1, setup.init_state, {}, {}, {}, [], alignments=[a1, a2], synced={0: 0, 1: 1, 2: 2})
+    size = lambda upd: fl.adapters.nbytes(align.weight_package(  # noqa: E731
+        proxy, {l: torch.tensor(ix) for l, ix in upd.items()}))
+    frozen = sum(p.numel() * p.element_size() for p in setup.server_proxy.parameters() if not p.requires_grad)
+    assert fl.weights_download(setup, state, 3) == frozen == setup.frozen_bytes()    # never took part
+    assert fl.weights_download(setup, state, 2) == 0                                  # up to date
+    assert fl.weights_download(setup, state, 1) == size(a2)                          # missed one
+    both = fl.weights_download(setup, state, 0)                                      # missed two: gets both
+    assert both == size({layer: [0, 1, 2, 3]}) and size(a1) < both < size(a1) + size(a2)  # neuron 2 sent once
+
+
+def test_a_client_pays_for_alignments_it_missed(tiny_ws, tiny_data_config):
+    """Recount a run's downloads from its own records: new clients get the proxy, returning clients after an
+    alignment get a package, returning clients with nothing new get only the adapter."""
+    cfg = _cfg(tiny_data_config, method="fedpft", rounds=4, align_interval=1)
+    m = fl.run(cfg, tiny_ws, progress=False)
+    setup = fl.build_setup(cfg, tiny_ws, progress=False)
+    adapter = fl.adapters.nbytes(setup.init_state)
+    seen: dict[int, int] = {}
+    aligned = stale_events = 0
+    for r in m["rounds"][1:]:
+        new = [k for k in r["clients"] if k not in seen]
+        stale = [k for k in r["clients"] if k in seen and seen[k] < aligned]
+        assert r["bytes_down"] == len(r["clients"]) * adapter + r["bytes_down_weights"]
+        assert r["bytes_down_weights"] >= len(new) * setup.frozen_bytes()
+        assert (r["bytes_down_weights"] > len(new) * setup.frozen_bytes()) == bool(stale)
+        seen.update({k: aligned for k in r["clients"]})
+        aligned += r["aligned"]
+        stale_events += bool(stale)
+    assert stale_events, "the schedule should bring a client back after an alignment"
+    assert m["cost"]["bytes_down_weights"] == sum(r["bytes_down_weights"] for r in m["rounds"])
 
 
 # ----------------------------------------------------------------------------- persistence
