@@ -82,7 +82,7 @@ def _fed_config(a: argparse.Namespace, method: str | None = None):
                      retained_layers=a.retained_layers, selection=a.selection, distill_steps=a.distill_steps,
                      align_interval=a.align_interval, align_proportion=a.align_proportion,
                      align_steps=a.align_steps, align_rule=a.align_rule, lora_rank=a.lora_rank,
-                     dropout=a.dropout, seed=a.seed)
+                     dropout=a.dropout, measure_update=a.measure_update, seed=a.seed)
 
 
 def _add_fed_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +104,9 @@ def _add_fed_args(p: argparse.ArgumentParser) -> None:
                    help="p: fraction of each compressed FFN's neurons updated at an alignment, (0, 1]")
     p.add_argument("--align-steps", type=int, default=f.align_steps)
     p.add_argument("--align-rule", choices=("mean-abs", "apoz"), default=f.align_rule)
+    p.add_argument("--measure-update", action="store_true", default=f.measure_update,
+                   help="also replay each round's first client on the FM and record the update disparity "
+                        "(cosine / relative L2 of the proxy's vs the FM's adapter change; one FM job per round)")
     p.add_argument("--workers", type=int, default=None,
                    help="clients trained at the same time, one thread each (default: one per CPU core); "
                         "results do not depend on it")

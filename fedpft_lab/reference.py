@@ -1,0 +1,78 @@
+"""Stored reference studies: the many-seed results a participant's live one-seed run is read against.
+
+A study is the output folder of ``fedpft-lab compare`` (or ``sweep``) written straight into
+``labs/reference/<name>/``: ``compare.json`` (the table, the exact command, the code version) and one
+``metrics.json`` per method and seed with every round. Checkpoints are git-ignored there: runs are
+deterministic per seed, so :func:`replay` can rebuild any of them from its stored configuration, and
+``tests/test_reference.py`` does exactly that for the first rounds of one run, so a change of the method can
+never leave the labs quoting numbers the code no longer produces.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .paths import REPO_ROOT
+
+REFERENCE_DIR = REPO_ROOT / "labs" / "reference"
+# What a replay must reproduce, and how closely. Accuracy: to one test example (a different CPU kernel may
+# round one logit the other way). Gradient cosine: 1e-3 (the server's distillation and alignment run on all
+# torch threads, so their last bits depend on the thread count; measured differences are ~1e-7).
+REPLAY_KEYS = {"accuracy": None, "sub_accuracy": None, "grad_cosine": 1e-3, "grad_rel_l2": 1e-3}
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    table: dict                                  # compare.json
+    runs: dict[str, dict[int, dict]]             # method -> seed -> metrics.json
+
+    @property
+    def command(self) -> str:
+        return self.table.get("command", "")
+
+    @property
+    def code_version(self) -> dict:
+        return self.table.get("code_version", {})
+
+
+def load(name: str, root: Path | None = None) -> Study:
+    """A stored study by folder name (see ``labs/reference/``)."""
+    path = (root or REFERENCE_DIR) / name
+    table_path = path / "compare.json"
+    if not table_path.is_file():
+        known = sorted(p.name for p in (root or REFERENCE_DIR).glob("*") if (p / "compare.json").is_file())
+        raise ConfigError(f"reference study must be one of {known}, got {name!r}")
+    runs: dict[str, dict[int, dict]] = {}
+    for metrics in sorted(path.glob("*/seed*/metrics.json")):
+        method, seed = metrics.parent.parent.name, int(metrics.parent.name[4:])
+        runs.setdefault(method, {})[seed] = json.loads(metrics.read_text())
+    return Study(name, path, json.loads(table_path.read_text()), runs)
+
+
+def replay(metrics: Mapping, rounds: int) -> list[dict]:
+    """Rerun the first ``rounds`` rounds (round 0 included) of a stored run from its own configuration."""
+    from .federation import FedConfig, iterate
+
+    cfg = FedConfig.from_json(metrics["config"])
+    out: list[dict] = []
+    for m in iterate(cfg, progress=False):
+        out = m["rounds"]
+        if len(out) > rounds:
+            break
+    return out
+
+
+def mismatches(stored: Iterable[Mapping], replayed: Iterable[Mapping], test_examples: int) -> list[str]:
+    """Where a replay differs from the stored rounds by more than :data:`REPLAY_KEYS` allows (empty = same)."""
+    problems = []
+    for s, r in zip(stored, replayed):
+        for key, tol in REPLAY_KEYS.items():
+            tol = 1.0 / max(1, test_examples) + 1e-12 if tol is None else tol
+            if abs(s[key] - r[key]) > tol:
+                problems.append(f"round {s['round']} {key}: stored {s[key]:.6f}, now {r[key]:.6f}")
+    return problems
