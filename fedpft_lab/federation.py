@@ -520,7 +520,7 @@ def weights_download(setup: Setup, state: RunState, client: int) -> int:
     return adapters.nbytes(align.weight_package(models.unwrap(setup.server_proxy), slices))
 
 
-def summary(cfg: FedConfig, setup: Setup, records: list[dict]) -> dict:
+def summary(cfg: FedConfig, setup: Setup, records: list[dict], ws: Workspace | None = None) -> dict:
     """The metrics file. ``final_accuracy`` (the last round's) is the headline; ``best_accuracy`` is the best
     round *picked on the test set*, an optimistic number kept for comparison with papers that may report it."""
     accs = [r["accuracy"] for r in records if r["round"] > 0]
@@ -529,6 +529,8 @@ def summary(cfg: FedConfig, setup: Setup, records: list[dict]) -> dict:
         "config": cfg.to_json(),
         "method": cfg.method,
         "code_version": code_version(),
+        "examples": ({"train": len(ws.train), "test": len(ws.test), "public": len(ws.public),
+                      "probe": sum(len(b["labels"]) for b in ws.probe_batches)} if ws is not None else None),
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
         "params": {"fm_transformer": setup.fm_params, "sub_transformer": setup.proxy_params,
@@ -617,7 +619,7 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
             record = _round(cfg, setup, ws, state, rnd, schedule[rnd - 1] if rnd > 0 else [], workers)
             state.records.append(record)
             state.next_round += 1
-            metrics = summary(cfg, setup, state.records)
+            metrics = summary(cfg, setup, state.records, ws)
             if out is not None:
                 _save(out, cfg, setup, state, metrics)
             if rnd > 0:

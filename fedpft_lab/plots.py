@@ -402,3 +402,38 @@ def metric_bars(values: Mapping[str, Mapping[str, float]], title: str = "Cost pe
                       row=1, col=c)
     fig.update_layout(height=380)
     return _layout(fig, title, "", "")
+
+
+def interval_bars(rows: Mapping[str, Mapping[str, float]], title: str, yaxis: str,
+                  live: Mapping[str, float] | None = None, live_name: str = "your run (one seed)") -> go.Figure:
+    """One bar per method at its mean over seeds, with its 95% interval as an error bar (``rows[name]`` holds
+    ``mean``, ``low``, ``high``; a missing interval draws no bar end), plus optional single-run markers."""
+    names = list(rows)
+    means = [rows[n]["mean"] for n in names]
+    plus = [None if rows[n].get("high") is None else rows[n]["high"] - rows[n]["mean"] for n in names]
+    minus = [None if rows[n].get("low") is None else rows[n]["mean"] - rows[n]["low"] for n in names]
+    fig = go.Figure(go.Bar(x=names, y=means, name="mean over seeds, 95% interval",
+                           error_y=dict(type="data", symmetric=False, array=plus, arrayminus=minus, thickness=1.5)))
+    if live:
+        fig.add_trace(go.Scatter(x=[n for n in names if n in live], y=[live[n] for n in names if n in live],
+                                 mode="markers", marker=dict(symbol="diamond", size=11, color="black"), name=live_name))
+    return _layout(fig, title, "", yaxis)
+
+
+def band_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], title: str, yaxis: str,
+                x: Sequence[float] | None = None) -> go.Figure:
+    """Mean curves with a shaded 95% band each (``series[name]`` holds ``mean``, ``low``, ``high`` per point),
+    e.g. the gradient cosine of every method over rounds across the seeds of a reference study."""
+    fig = go.Figure()
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
+    for i, (name, s) in enumerate(series.items()):
+        xs = list(x) if x is not None else list(range(len(s["mean"])))
+        colour = palette[i % len(palette)]
+        r, g, b = (int(colour[j:j + 2], 16) for j in (1, 3, 5))
+        low = [v if v is not None else m for v, m in zip(s["low"], s["mean"])]
+        high = [v if v is not None else m for v, m in zip(s["high"], s["mean"])]
+        fig.add_trace(go.Scatter(x=xs + xs[::-1], y=high + low[::-1], fill="toself", line=dict(width=0),
+                                 fillcolor=f"rgba({r},{g},{b},0.15)", hoverinfo="skip", showlegend=False,
+                                 name=f"{name} 95%"))
+        fig.add_trace(go.Scatter(x=xs, y=list(s["mean"]), mode="lines+markers", name=name, line=dict(color=colour)))
+    return _layout(fig, title, "round", yaxis, xaxis=dict(dtick=1))
