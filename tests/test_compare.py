@@ -38,7 +38,7 @@ def test_summarise_means_intervals_and_paired_differences_by_hand():
     assert d["values"] == pytest.approx([-0.05, 0.0, -0.1]) and d["seeds"] == [0, 1, 2]
     half = T2 * 0.05 / math.sqrt(3)
     assert d["mean"] == pytest.approx(-0.05) and d["ci"] == pytest.approx([-0.05 - half, -0.05 + half], abs=1e-4)
-    c = rows["fedpft-n"]["vs_fedpft"]["grad_cosine"]              # mean cosines: N 0.75, 0.7, 0.7; FedPFT 0.85, 0.9, 0.8
+    c = rows["fedpft-n"]["vs_fedpft"]["grad_cosine"]   # mean cosines: N 0.75, 0.7, 0.7; FedPFT 0.85, 0.9, 0.8
     assert c["values"] == pytest.approx([-0.1, -0.2, -0.1])
     assert rows["fedpft"]["vs_fedpft"] is None and rows["fedpft-n"]["grad_cosine_above_fedpft_n"] is None
     # FedPFT vs FedPFT-N round by round: 0.9>0.6, 0.8<0.9, 0.9>0.7, 0.9>0.7, 0.7<0.8, 0.9>0.6 (round 0 not counted)
