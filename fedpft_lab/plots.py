@@ -437,3 +437,29 @@ def band_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], titl
                                  name=f"{name} 95%"))
         fig.add_trace(go.Scatter(x=xs, y=list(s["mean"]), mode="lines+markers", name=name, line=dict(color=colour)))
     return _layout(fig, title, "round", yaxis, xaxis=dict(dtick=1))
+
+
+# ----------------------------------------------------------------------------- CLI sweep: the parameter study
+
+def parameter_study(values: Sequence, series: Mapping[str, Sequence[Mapping]], param: str,
+                    ylabel: str = "last-round FM accuracy (%)") -> go.Figure:
+    """One line per method over the swept values, with confidence-interval error bars (the paper's Figure 4).
+
+    ``series[name][i]`` is ``{"mean": ..., "ci": [lo, hi] or None}`` for ``values[i]``, as fractions; drawn in %.
+    The x axis is categorical (evenly spaced, in the given order), as the paper draws t = 5, 10, 20.
+    A missing interval (one seed) draws no bar rather than a zero-width one.
+    """
+    if not values or not series:
+        raise ConfigError("parameter_study needs at least one value and one method")
+    x = [str(v) for v in values]
+    fig = go.Figure()
+    for name, points in series.items():
+        if len(points) != len(values):
+            raise ConfigError(f"{name}: {len(points)} results for {len(values)} values")
+        mean = [100 * s["mean"] for s in points]
+        up = [100 * s["ci"][1] - m if s["ci"] is not None else float("nan") for s, m in zip(points, mean)]
+        down = [m - 100 * s["ci"][0] if s["ci"] is not None else float("nan") for s, m in zip(points, mean)]
+        fig.add_trace(go.Scatter(x=x, y=mean, mode="lines+markers", name=name,
+                                 error_y=dict(type="data", symmetric=False, array=up, arrayminus=down, visible=True)))
+    fig.update_xaxes(type="category")
+    return _layout(fig, f"Parameter study: {param}", param, ylabel)

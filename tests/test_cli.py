@@ -59,12 +59,28 @@ def test_run_with_dropout_and_one_worker(tmp_path):
 
 def test_compare_writes_a_table(tmp_path, capsys):
     args = [a for a in TINY if a != "--quiet"]
-    assert main(["compare", "--methods", "fedpetuning", "fedpft-n", "--seeds", "0", "1", *args,
-                 "--out", str(tmp_path)]) == 0
-    table = json.loads((tmp_path / "compare.json").read_text())["methods"]
+    argv = ["compare", "--methods", "fedpetuning", "fedpft-n", "--seeds", "0", "1", *args, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    stored = json.loads((tmp_path / "compare.json").read_text())
+    table = stored["methods"]
     assert set(table) == {"fedpetuning", "fedpft-n"} and table["fedpft-n"]["seeds"] == [0, 1]
     assert len(table["fedpetuning"]["final_accuracy"]["values"]) == 2
-    assert "| FedPETuning |" in capsys.readouterr().out
+    assert len(table["fedpetuning"]["final_accuracy"]["ci"]) == 2
+    assert stored["command"] == "fedpft-lab " + " ".join(argv) and stored["seeds"] == [0, 1]
+    out = capsys.readouterr().out
+    assert "| FedPETuning |" in out and "95% CI" in out and "picked on test set, optimistic" in out
+
+
+def test_run_table_labels_the_best_round_as_optimistic(capsys):
+    from fedpft_lab.cli import print_run_table
+
+    rnd = {"round": 1, "accuracy": 0.8, "sub_accuracy": 0.7, "grad_cosine": 0.9, "grad_rel_l2": 0.4, "aligned": False,
+           "bytes_up": 1, "bytes_down": 2, "seconds": 1.0}
+    print_run_table({"method": "fedpft", "rounds": [rnd], "final_accuracy": 0.8, "best_accuracy": 0.85,
+                     "params": {"fm_transformer": 10, "sub_transformer": 5, "trainable": 3},
+                     "cost": {"bytes_up": 1, "bytes_down": 2}})
+    out = capsys.readouterr().out
+    assert "last-round accuracy 0.8000" in out and "best round 0.8500: picked on the test set, optimistic" in out
 
 
 @pytest.mark.parametrize("args, message", [
