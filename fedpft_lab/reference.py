@@ -76,3 +76,35 @@ def mismatches(stored: Iterable[Mapping], replayed: Iterable[Mapping], test_exam
             if abs(s[key] - r[key]) > tol:
                 problems.append(f"round {s['round']} {key}: stored {s[key]:.6f}, now {r[key]:.6f}")
     return problems
+
+
+def interval_rows(study: Study, key: str = "final_accuracy", scale: float = 100.0) -> dict[str, dict]:
+    """Per method (display name): mean and 95% interval of a row of ``compare.json``, e.g. for
+    :func:`plots.interval_bars`. Accuracies come out in % with the default ``scale``."""
+    from .federation import METHOD_NAMES
+
+    out = {}
+    for method, row in study.table["methods"].items():
+        d = row[key]
+        low, high = d["ci"] if d.get("ci") else (None, None)
+        out[METHOD_NAMES.get(method, method)] = {
+            "mean": d["mean"] * scale, "low": None if low is None else low * scale,
+            "high": None if high is None else high * scale, "sd": None if d.get("sd") is None else d["sd"] * scale}
+    return out
+
+
+def by_round(study: Study, key: str = "grad_cosine", methods: Iterable[str] | None = None) -> dict[str, dict]:
+    """Per method (display name): ``key`` per round as mean and 95% interval over the study's seeds."""
+    from .federation import METHOD_NAMES
+    from .stats import mean_ci
+
+    out = {}
+    for method in methods or study.runs:
+        seeds = study.runs[method]
+        rounds = min(len(m["rounds"]) for m in seeds.values())
+        points = [mean_ci([m["rounds"][i][key] for m in seeds.values()]) for i in range(rounds)]
+        out[METHOD_NAMES.get(method, method)] = {
+            "mean": [p["mean"] for p in points],
+            "low": [p["ci"][0] if p["ci"] else None for p in points],
+            "high": [p["ci"][1] if p["ci"] else None for p in points]}
+    return out
