@@ -10,6 +10,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from . import io
 from .federation import METHOD_NAMES, FedConfig, _atomic_json, run
 from .workspace import prepare
 
@@ -26,7 +27,7 @@ def compare(base: FedConfig, methods: list[str], seeds: list[int], out_dir: Path
             sub = out_dir / method / f"seed{seed}" if out_dir is not None else None
             done = sub is not None and resume and (sub / "metrics.json").exists()
             if done:
-                metrics = json.loads((sub / "metrics.json").read_text())
+                metrics = io.read_run_file(sub / "metrics.json", io.load_json)
                 done = len(metrics["rounds"]) == cfg.rounds + 1 and metrics["config"] == cfg.to_json()
             if not done:
                 metrics = run(cfg, ws, out_dir=sub, resume=resume, progress=progress, workers=workers)
