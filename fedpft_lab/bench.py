@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
 
-from . import adapters, data, federation, models, parallel, subfm
+from . import adapters, data, federation, io, models, parallel, subfm
 from .distill import DistillConfig, distill, embed
 from .workspace import DataConfig, Workspace, prepare
 
@@ -607,10 +607,7 @@ def format_report(r: dict) -> str:
 def write_json(obj: dict, path: Path) -> None:
     """Atomically, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    io.atomic_json(obj, path, default=str)
 
 
 def main(args: argparse.Namespace) -> dict:

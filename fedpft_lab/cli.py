@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ def _add_data_args(p: argparse.ArgumentParser, clients_default: int | None = Non
     d = DataConfig()
     p.add_argument("--fm", default=d.fm, help="foundation model: 'minilm' (offline default), a Hub name such as "
                    "bert-base-uncased / roberta-base / google/vit-base-patch16-224-in21k, a local folder, or tiny-bert")
+    p.add_argument("--allow-unsafe-weights", action="store_true",
+                   help="let --fm load a local folder's pickle weights (pytorch_model.bin), which can run code; "
+                        "only for folders you trust (default: safetensors only)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--task", default=d.task, help="tweets (default), wiki-topics, sst2, qnli, mnli, qqp, cifar10")
     src.add_argument("--data", default=None, metavar="PATH", help="your own CSV/JSONL with text,label columns")
@@ -178,6 +182,7 @@ def cmd_run(a: argparse.Namespace) -> dict:
 
     cfg = _fed_config(a)
     out = Path(a.out)
+    _restart(a)
     metrics = run(cfg, out_dir=out, resume=a.resume, progress=not a.quiet, workers=a.workers)
     if not a.quiet:
         print_run_table(metrics)
@@ -204,6 +209,7 @@ def cmd_compare(a: argparse.Namespace) -> dict:
     from .compare import compare, format_table
 
     base = _fed_config(a, method=a.methods[0])
+    _restart(a)
     table = compare(base, a.methods, a.seeds, out_dir=Path(a.out), resume=a.resume, progress=not a.quiet,
                     workers=a.workers, command=a.command_line)
     if not a.quiet:
@@ -228,6 +234,15 @@ def cmd_bench(a: argparse.Namespace) -> dict:
     from .bench import main as bench_main
 
     return bench_main(a)
+
+
+def _restart(a: argparse.Namespace) -> None:
+    """--restart: move the previous results in --out aside (never delete them) so the run starts over."""
+    out = Path(a.out).resolve()
+    if a.restart and out.is_dir() and any(out.iterdir()):
+        from .io import move_aside
+
+        print(f"--restart: moved the previous contents of {out} to {move_aside(out, 'replaced')}", file=sys.stderr)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -255,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="fedpft")
     _add_fed_args(p)
     p.add_argument("--out", default="runs/run")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    again.add_argument("--restart", action="store_true",
+                       help="start over in --out; a previous run there is moved aside to <out>.replaced-<time>")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -264,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     _add_fed_args(p)
     p.add_argument("--out", default="runs/compare")
-    p.add_argument("--resume", action="store_true", help="reuse finished runs in --out and continue partial ones")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="reuse finished runs in --out and continue partial ones")
+    again.add_argument("--restart", action="store_true",
+                       help="start over in --out; previous results there are moved aside to <out>.replaced-<time>")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -298,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run"]  # the main job: FedPFT on the offline default at workshop size
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["fedpft-lab", *argv])  # stored with compare/sweep results
+    if getattr(args, "allow_unsafe_weights", False):
+        from .models import PICKLE_OPT_IN
+
+        os.environ[PICKLE_OPT_IN] = "1"
     if not hasattr(args, "func"):
         build_parser().print_help()
         return 2

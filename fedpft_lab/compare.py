@@ -9,12 +9,12 @@ the round is picked on the test set itself, so it is optimistic.
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import io
 from .federation import METHOD_NAMES, FedConfig, _atomic_json, run
 from .stats import mean_ci, paired_diff, share_above
 from .version import code_version
@@ -61,7 +61,7 @@ def _finished(sub: Path, cfg: FedConfig) -> dict | None:
     path = sub / "metrics.json"
     if not path.exists():
         return None
-    metrics = json.loads(path.read_text())
+    metrics = io.read_run_file(path, io.load_json)
     done = len(metrics["rounds"]) == cfg.rounds + 1 and metrics["config"] == cfg.to_json()
     return metrics if done else None
 

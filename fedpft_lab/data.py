@@ -23,7 +23,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedpft_lab.errors import ConfigError, check_range
+from fedpft_lab import io
+from fedpft_lab.errors import ConfigError, check_range, short
 from fedpft_lab.partition import largest_remainder_counts
 from fedpft_lab.paths import cache_dir, config_key
 
@@ -241,25 +241,12 @@ def _tokenizer_id(tokenizer: Any) -> dict[str, Any]:
             "vocab": len(tokenizer) if hasattr(tokenizer, "__len__") else None}
 
 
-def atomic_torch_save(obj: Any, path: Path | str) -> None:
-    """Write next to the target, then rename: a crash never leaves a half-written cache file."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+atomic_torch_save = io.atomic_torch_save   # the old name, still imported from here
 
 
-def _try_load(path: Path) -> Any | None:
-    if not path.exists():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError):
-        return None   # unreadable (e.g. written by an older torch): rebuild it
+def _try_load(path: Path, what: str = "cached data", valid: Any = None) -> Any | None:
+    """The cached object, or None to rebuild it (a damaged file is reported and moved aside)."""
+    return io.read_cache(path, io.load_torch, what, valid)
 
 
 def public_corpus_blocks(tokenizer: Any, block_size: int = 128, max_blocks: int | None = 2048,
@@ -278,7 +265,7 @@ def public_corpus_blocks(tokenizer: Any, block_size: int = 128, max_blocks: int 
                       "block_size": block_size, "max_blocks": max_blocks, "seed": seed,
                       "version": CACHE_VERSION})
     path = cache_dir() / f"blocks-{key}.pt"
-    cached = _try_load(path)
+    cached = _try_load(path, "public corpus blocks", lambda x: x.dim() == 2 and x.shape[1] == block_size)
     if isinstance(cached, torch.Tensor):
         return cached
 
@@ -354,7 +341,7 @@ def public_corpus_sentences(tokenizer: Any, length: int = 32, max_blocks: int | 
     key = config_key({"kind": "public-sentences", "tokenizer": _tokenizer_id(tokenizer), "length": length,
                       "max_blocks": max_blocks, "seed": seed, "version": CACHE_VERSION})
     path = cache_dir() / f"sentences-{key}.pt"
-    cached = _try_load(path)
+    cached = _try_load(path, "public corpus sentences", lambda x: x.dim() == 2 and x.shape[1] == length)
     if isinstance(cached, torch.Tensor):
         return cached
     import re
@@ -426,19 +413,47 @@ def _load_cifar10(seed: int, max_train: int | None, max_test: int | None,
 
 # ----------------------------------------------------------------------------- bring your own
 
+def _encoding(path: Path) -> str:
+    """UTF-16 files announce themselves by a byte-order mark; anything else is read as UTF-8 (an Excel BOM dropped)."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
 def _read_table(path: Path) -> pd.DataFrame:
-    if path.suffix == ".csv":
-        return pd.read_csv(path, encoding_errors="replace", dtype={"text": str, "text_pair": str})
-    return pd.read_json(path, lines=True, dtype=False)
+    """The file as a frame, or a one-line ConfigError: whatever fails while parsing a foreign file is its fault."""
+    try:
+        encoding = _encoding(path)
+        if path.suffix == ".csv":
+            return pd.read_csv(path, encoding=encoding, encoding_errors="replace", dtype=str)
+        return pd.read_json(path, lines=True, dtype=False, encoding=encoding, encoding_errors="replace")
+    except Exception as err:
+        kind = "CSV" if path.suffix == ".csv" else "JSON lines (one JSON object per line)"
+        raise ConfigError(f"{path} cannot be read as {kind}: {short(f'{type(err).__name__}: {err}')}") from err
+
+
+def _as_text(value: Any) -> str:
+    """A cell as stripped text: missing -> "", lone surrogates (not encodable as UTF-8) -> "?"."""
+    missing = pd.isna(value) if not isinstance(value, (list, dict, tuple, np.ndarray)) else False
+    if missing is True:
+        return ""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # 2.0 (a float column) is "2"
+        value = int(value)
+    return str(value).encode("utf-8", "replace").decode("utf-8").strip()
 
 
 def _labels_to_ids(values: pd.Series) -> tuple[np.ndarray, list[str]]:
-    """Sorted unique labels -> 0..K-1. Integer labels sort numerically (0..K-1 stay as they are)."""
-    numeric = pd.to_numeric(values, errors="coerce")
-    if numeric.notna().all() and (numeric == numeric.round()).all():
-        keys = numeric.astype(np.int64).to_numpy()
+    """Sorted unique labels -> 0..K-1. Integer labels sort numerically (0..K-1 stay as they are).
+
+    Labels count as integers only when every one is a whole number that a float64 holds exactly;
+    anything else (words, mixed, 1.5, 1e300) is a label by its text.
+    """
+    text = values.map(_as_text)
+    numeric = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    if np.isfinite(numeric).all() and (numeric == np.round(numeric)).all() and (np.abs(numeric) < 2**53).all():
+        keys = numeric.astype(np.int64)
     else:
-        keys = values.astype(str).str.strip().to_numpy()
+        keys = text.to_numpy(dtype=object)
     uniques, ids = np.unique(keys, return_inverse=True)
     return ids.reshape(-1).astype(np.int64), [str(u) for u in uniques]
 
@@ -449,20 +464,28 @@ def _load_local(path: Path, seed: int, test_fraction: float, max_train: int | No
     for column in ("text", "label"):
         if column not in frame.columns:
             raise ConfigError(f"{path} is missing the column {column!r} (needs 'text' and 'label', "
-                              f"optionally 'text_pair'); found columns {list(frame.columns)}")
+                              f"optionally 'text_pair'); found columns {short(list(frame.columns))}")
     pair = "text_pair" in frame.columns
-    frame = frame.dropna(subset=["label"])
-    frame = frame.assign(text=frame["text"].fillna("").astype(str).str.strip())
-    if pair:
-        frame = frame.assign(text_pair=frame["text_pair"].fillna("").astype(str).str.strip())
-    frame = frame[frame["text"] != ""]
+    columns = ["text", "text_pair", "label"] if pair else ["text", "label"]
+    frame = pd.DataFrame({c: frame[c].map(_as_text).to_numpy(dtype=object) for c in columns})
+    frame = frame[(frame["text"] != "") & (frame["label"] != "")]
     if len(frame) < 2:
         raise ConfigError(f"{path} has {len(frame)} usable rows (non-empty text and a label); need >= 2")
     ids, names = _labels_to_ids(frame["label"])
+    if len(names) < 2:
+        raise ConfigError(f"{path} has a single label ({short(repr(names[0]), 40)}) in its 'label' column; "
+                          "a classifier needs examples of at least 2 different labels")
     frame = frame.assign(label=ids)
     train, test = _split_frame(frame, names, seed, test_fraction, max_train, max_test, pair=pair,
                                balanced=balanced)
     return train, test, names
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name longer than the file system allows
+        return False
 
 
 def _file_digest(path: Path) -> str:
@@ -506,15 +529,26 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
         modality = "image"
     else:
         path = Path(str(task)).expanduser()
-        if path.suffix not in (".csv", ".jsonl") or not path.is_file():
+        if path.suffix not in (".csv", ".jsonl") or not _is_file(path):
             allowed = ", ".join(repr(t) for t in TASKS)
             raise ConfigError(f"task must be one of {allowed}, or a path to an existing .csv/.jsonl "
-                              f"file, got {task!r}")
+                              f"file, got {short(repr(task))}")
         train, test, names = _load_local(path, seed, test_fraction, max_train, max_test, balanced)
+        _require_two_labels(str(path), train, names)
         fingerprint = config_key({"task": str(path.resolve()), "sha1": _file_digest(path), **options})
         return TaskData(path.stem, train, test, names, LOCAL_MAX_LENGTH, "text", fingerprint)
+    _require_two_labels(task, train, names)
     return TaskData(task, train, test, names, MAX_LENGTH[task], modality,
                     config_key({"task": task, **options}))
+
+
+def _require_two_labels(task: str, train: datasets.Dataset, names: list[str]) -> None:
+    """Refuse a train split with one label before any distillation or training: there is nothing to learn."""
+    present = np.unique(np.asarray(train["label"], dtype=np.int64))
+    if len(present) < 2:
+        only = short(repr(names[present[0]]), 40) if len(present) else "none"
+        raise ConfigError(f"the train split of {short(task, 60)} holds a single label ({only}); a classifier "
+                          "needs examples of at least 2 different labels: raise max_train or check the data")
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -675,7 +709,7 @@ def encode_task(task: TaskData, tokenizer_or_processor: Any, *,
                       "version": CACHE_VERSION})
     path = cache_dir() / f"encoded-{task.name}-{key}.pt"
     if task.fingerprint:
-        cached = _try_load(path)
+        cached = _try_load(path, "encoded task", lambda x: {"train", "test"} <= x.keys())
         if isinstance(cached, dict) and {"train", "test"} <= cached.keys():
             return _unpack(cached["train"]), _unpack(cached["test"])
 

@@ -12,6 +12,12 @@ class ConfigError(ValueError):
     """A user-facing configuration or input error."""
 
 
+def short(text: object, limit: int = 80) -> str:
+    """``text`` on one line, cut to ``limit`` characters, so an error quoting a value or a column stays readable."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
 def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None,
                 *, lo_open: bool = False, hi_open: bool = False) -> None:
     """Raise ConfigError unless ``lo (<|<=) value (<|<=) hi``."""
@@ -25,7 +31,7 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
         right = ")" if hi_open else "]"
         lo_s = "-inf" if lo is None else f"{lo:g}"
         hi_s = "inf" if hi is None else f"{hi:g}"
-        raise ConfigError(f"{name} must be in {left}{lo_s}, {hi_s}{right}, got {value!r}")
+        raise ConfigError(f"{name} must be in {left}{lo_s}, {hi_s}{right}, got {short(repr(value))}")
 
 
 def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
@@ -33,4 +39,4 @@ def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
     choices = list(choices)
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
-        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {allowed}, got {short(repr(value))}")

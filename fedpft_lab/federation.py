@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import adapters, align, data, discrepancy, models, parallel, subfm
+from . import adapters, align, data, discrepancy, io, models, parallel, subfm
 from .discrepancy import gradient_discrepancy
 from .distill import DistillConfig
 from .errors import ConfigError, check_choice, check_range
@@ -476,11 +475,7 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     return out
 
 
-def _atomic_json(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+_atomic_json = io.atomic_json  # the old name, still imported by compare and cli
 
 
 @dataclass
@@ -575,15 +570,19 @@ def cached_run(cfg: FedConfig, ws: Workspace | None = None, progress: bool = Tru
                             "align": asdict(cfg.align_config(1)) if cfg.align_during else None})
     out = paths.cache_dir() / "runs" / f"{cfg.method}-{key}"
     done = out / "metrics.json"
-    if done.exists():
-        metrics = json.loads(done.read_text())
-        if len(metrics["rounds"]) == cfg.rounds + 1 and result_config(FedConfig.from_json(metrics["config"])) \
-                == result_config(cfg):
+    what = f"the cached {METHOD_NAMES[cfg.method]} run"
+    with io.cache_lock(out, what) as lock:  # two notebooks asking for the same run: one runs it, the other waits
+        metrics = io.read_cache(done, io.load_json, what, _is_metrics)
+        if metrics is not None and len(metrics["rounds"]) == cfg.rounds + 1:
+            lock.reused()
             if on_round is not None:
                 for r in metrics["rounds"]:
                     on_round(r)
             return metrics
-    return run(cfg, ws, out_dir=out, resume=True, progress=progress, stop=stop, on_round=on_round, workers=workers)
+        if io.read_cache(out / "checkpoint.pt", io.load_torch, what, _is_checkpoint) is None and done.exists():
+            io.move_aside(done, "orphaned")  # metrics without their checkpoint cannot be continued: redo the run
+        return run(cfg, ws, out_dir=out, resume=True, progress=progress, stop=stop, on_round=on_round,
+                   workers=workers)
 
 
 def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike | None = None,
@@ -602,16 +601,22 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    blob = _read_checkpoint(out, cfg) if resume and out is not None else None  # before any long work
     setup = build_setup(cfg, ws, progress=progress, stop=stop)
     state = RunState(0, dict(setup.init_state), {}, {}, {}, [])
-    if resume and out is not None and (out / "checkpoint.pt").exists():
-        state = _load_checkpoint(out, cfg, setup)
+    if blob is not None:
+        state = _load_checkpoint(blob, setup)
     schedule = sample_clients(cfg)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.rounds, initial=max(0, state.next_round - 1), desc=METHOD_NAMES[cfg.method],
                disable=not progress)
     try:
+        if state.next_round > cfg.rounds:  # resumed a finished run: report it (and restore its metrics.json)
+            metrics = summary(cfg, setup, state.records, ws)
+            if out is not None:
+                _atomic_json(metrics, out / "metrics.json")
+            yield metrics
         while state.next_round <= cfg.rounds:
             if stop is not None and stop.is_set():
                 break
@@ -693,11 +698,35 @@ def _save(out: Path, cfg: FedConfig, setup: Setup, state: RunState, metrics: dic
     _atomic_json(metrics, out / "metrics.json")
 
 
-def _load_checkpoint(out: Path, cfg: FedConfig, setup: Setup) -> RunState:
-    blob = torch.load(out / "checkpoint.pt", weights_only=True)
-    if blob["config"] != json.dumps(cfg.to_json(), sort_keys=True):
+CHECKPOINT_KEYS = {"config", "next_round", "global_state", "package", "server_ffn", "device_ffn", "records"}
+
+
+def _is_checkpoint(blob: dict) -> bool:
+    return CHECKPOINT_KEYS <= blob.keys() and isinstance(json.loads(blob["records"]), list)
+
+
+def _is_metrics(metrics: dict) -> bool:
+    return isinstance(metrics["rounds"], list)
+
+
+def _read_checkpoint(out: Path, cfg: FedConfig) -> dict | None:
+    """The checkpoint ``--resume`` continues from (None: the folder holds no run yet).
+
+    A checkpoint or metrics.json that cannot be read stops the run with one line naming the file: they are
+    the participant's results, so they are neither deleted nor overwritten.
+    """
+    if not (out / "checkpoint.pt").exists() and not (out / "metrics.json").exists():
+        return None
+    if (out / "metrics.json").exists():
+        io.read_run_file(out / "metrics.json", io.load_json, _is_metrics)
+    blob = io.read_run_file(out / "checkpoint.pt", io.load_torch, _is_checkpoint)
+    if result_config(FedConfig.from_json(json.loads(blob["config"]))) != result_config(cfg):
         raise ConfigError(f"--resume: {out} holds a run with a different configuration; use another --out "
-                          "or the same arguments")
+                          "or the same arguments")   # fields that cannot change this method's result may differ
+    return blob
+
+
+def _load_checkpoint(blob: dict, setup: Setup) -> RunState:
     load_ffn_state(models.unwrap(setup.server_proxy), blob["server_ffn"])
     for device in setup.devices:
         load_ffn_state(models.unwrap(device), blob["device_ffn"])

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, short
 
 DEFAULT_FM = "minilm"
 SUPPORTED_TYPES = ("bert", "roberta", "vit")
 HUB_EXAMPLES = ("bert-base-uncased", "roberta-base", "google/vit-base-patch16-224-in21k")
 TINY_FMS = ("tiny-bert", "tiny-roberta", "tiny-vit")
+PICKLE_OPT_IN = "FEDPFT_LAB_ALLOW_PICKLE"   # =1: load a local folder's pickle weights (CLI: --allow-unsafe-weights)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -108,10 +111,29 @@ def load_fm_config(fm: str = DEFAULT_FM, num_labels: int = 2):
     return config
 
 
-def load_fm(fm: str = DEFAULT_FM, num_labels: int = 2, seed: int = 0) -> nn.Module:
+def check_safe_weights(where: str, allow_pickle: bool | None = None) -> None:
+    """Refuse a local model folder whose weights exist only as pickles, unless the user opted in.
+
+    Unpickling a file can run any code it carries, and a model folder is easily passed around in a workshop;
+    safetensors files hold tensors only. ``allow_pickle=None`` reads the opt-in from ``FEDPFT_LAB_ALLOW_PICKLE``.
+    """
+    folder = Path(where)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    allowed = os.environ.get(PICKLE_OPT_IN) == "1" if allow_pickle is None else allow_pickle
+    if pickles and not allowed:
+        raise ConfigError(f"fm={short(repr(where))} holds pickle weights only ({pickles[0]}), and loading a pickle can run "
+                          "code; convert them to model.safetensors, or if you trust the folder pass "
+                          f"--allow-unsafe-weights ({PICKLE_OPT_IN}=1 in Python)")
+
+
+def load_fm(fm: str = DEFAULT_FM, num_labels: int = 2, seed: int = 0,
+            allow_pickle: bool | None = None) -> nn.Module:
     """The FM with a freshly initialised task head (sequence or image classification).
 
     The head is initialised from ``seed`` explicitly so every method in a comparison starts from the same head.
+    A local folder must hold safetensors weights (see :func:`check_safe_weights`).
     """
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
@@ -122,6 +144,7 @@ def load_fm(fm: str = DEFAULT_FM, num_labels: int = 2, seed: int = 0) -> nn.Modu
         torch.manual_seed(seed)
         model = auto.from_config(config)
     else:
+        check_safe_weights(resolve_fm(fm), allow_pickle)
         model = auto.from_pretrained(resolve_fm(fm), config=config)
     init_head(model, seed)
     return model.eval()

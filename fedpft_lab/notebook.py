@@ -62,7 +62,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -71,6 +70,7 @@ from typing import Any
 
 import numpy as np
 
+from . import io
 from .errors import ConfigError, check_range
 from .paths import set_offline_env
 
@@ -197,13 +197,5 @@ def write_metrics(out_dir: str | os.PathLike, metrics: Mapping[str, Any], ctx: L
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / filename
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    io.atomic_write_text(target, text + "\n")
     return target

@@ -108,3 +108,28 @@ def by_round(study: Study, key: str = "grad_cosine", methods: Iterable[str] | No
             "low": [p["ci"][0] if p["ci"] else None for p in points],
             "high": [p["ci"][1] if p["ci"] else None for p in points]}
     return out
+
+
+def table_rows(study: Study, live: Mapping[str, float] | None = None) -> list[dict]:
+    """The study as rows a lab can display: each method's last-round accuracy (mean, 95% interval, seeds), its
+    paired difference from FedPFT (the number to read when asking "is FedPFT better?"), the share of rounds in
+    which its gradient cosine beat FedPFT-N's, and, if given, the participant's own one-seed result. In %."""
+    from .federation import METHOD_NAMES
+
+    def pct(d: Mapping | None, signed: bool = False) -> str:
+        if d is None:
+            return ""
+        mean = f"{100 * d['mean']:+.1f}" if signed else f"{100 * d['mean']:.1f}"
+        return mean + (f" [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]" if signed and d.get("ci") else
+                       f" [{100 * d['ci'][0]:.1f}, {100 * d['ci'][1]:.1f}]" if d.get("ci") else " [n/a]")
+
+    rows = []
+    for method, row in study.table["methods"].items():
+        above = row.get("grad_cosine_above_fedpft_n")
+        rows.append({
+            "method": METHOD_NAMES.get(method, method),
+            "accuracy % (mean [95% CI])": pct(row["final_accuracy"]),
+            "minus FedPFT, paired (pts)": pct((row.get("vs_fedpft") or {}).get("final_accuracy"), signed=True),
+            "grad cos > FedPFT-N": f"{above['above']}/{above['points']}" if above else "",
+            **({"your run %": round(100 * live[method], 1) if method in live else None} if live else {})})
+    return rows

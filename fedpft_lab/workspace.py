@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data, models, paths, subfm
+from . import data, io, models, paths, subfm
 from .data import atomic_torch_save as atomic_save  # noqa: F401  (re-exported for federation)
 from .errors import ConfigError, check_choice
 from .version import RESULTS_VERSION
@@ -187,14 +187,24 @@ def sub_fm(ws: Workspace, sub_cfg: subfm.SubFMConfig, distill_cfg: DistillConfig
     match = info.compressed
     path = paths.cache_dir() / f"subfm-{subfm_key(ws, sub_cfg, distill_cfg)}.pt"
     gap_inputs = ws.public_heldout
-    if use_cache and distill_cfg.steps > 0 and path.exists():
-        blob = torch.load(path, weights_only=True)
-        load_ffn_state(model, blob["ffn"])
-        return SubFM(model, info, blob["loss"], blob["gaps_before"], blob["gaps_after"], cached=True)
-    before = layer_gaps(ws.fm, model, gap_inputs, match) if match else []
-    result = distill(ws.fm, model, ws.public, match, distill_cfg, progress=progress, on_step=on_step, stop=stop)
-    after = layer_gaps(ws.fm, model, gap_inputs, match) if match and result.losses else before
-    if use_cache and distill_cfg.steps > 0 and not result.stopped:
-        atomic_save({"ffn": ffn_state(model, match), "loss": result.losses, "gaps_before": before,
-                     "gaps_after": after, "info": json.dumps(info.to_json())}, path)
+    caching = use_cache and distill_cfg.steps > 0
+    with io.cache_lock(path, "the distilled sub-FM", enabled=caching) as lock:  # one process distils, others wait
+        blob = io.read_cache(path, io.load_torch, "distilled sub-FM", _fits(model, match)) if caching else None
+        if blob is not None:
+            lock.reused()
+            load_ffn_state(model, blob["ffn"])
+            return SubFM(model, info, blob["loss"], blob["gaps_before"], blob["gaps_after"], cached=True)
+        before = layer_gaps(ws.fm, model, gap_inputs, match) if match else []
+        result = distill(ws.fm, model, ws.public, match, distill_cfg, progress=progress, on_step=on_step, stop=stop)
+        after = layer_gaps(ws.fm, model, gap_inputs, match) if match and result.losses else before
+        if caching and not result.stopped:
+            atomic_save({"ffn": ffn_state(model, match), "loss": result.losses, "gaps_before": before,
+                         "gaps_after": after, "info": json.dumps(info.to_json())}, path)
     return SubFM(model, info, result.losses, before, after)
+
+
+def _fits(model: nn.Module, layer_ids: list[int]):
+    """Check for a cached sub-FM blob: all its fields, and FFN tensors of exactly ``model``'s shapes."""
+    shapes = {k: v.shape for k, v in ffn_state(model, layer_ids).items()}
+    return lambda blob: ({"ffn", "loss", "gaps_before", "gaps_after"} <= blob.keys()
+                         and {k: v.shape for k, v in blob["ffn"].items()} == shapes)

@@ -6,6 +6,8 @@ from datetime import datetime, timezone
 
 import pytest
 
+from fedpft_lab.errors import ConfigError
+
 from fedpft_lab import compare as cmp
 from fedpft_lab.federation import FedConfig
 from fedpft_lab.version import code_version
@@ -122,11 +124,15 @@ def test_compare_json_is_self_describing_and_resume_reruns_nothing(tmp_path, tin
     assert again["methods"]["fedpft"]["final_accuracy"] == table["methods"]["fedpft"]["final_accuracy"]
 
 
-def test_resume_reruns_a_run_made_with_another_config(tmp_path, tiny_base, count_runs):
+def test_resume_never_overwrites_a_run_made_with_another_config(tmp_path, tiny_base, count_runs):
+    """A finished run of another configuration in the folder is the participant's result: --resume stops with
+    one line instead of silently redoing (and overwriting) it, and leaves the files as they were."""
     cmp.compare(tiny_base, ["fedpft-n"], [0], out_dir=tmp_path, progress=False)
     cmp.compare(replace(tiny_base, rounds=1), ["fedpft-n"], [0], out_dir=tmp_path / "other", progress=False)
-    (tmp_path / "fedpft-n" / "seed0" / "checkpoint.pt").unlink()     # a stale, finished run of another config
-    (tmp_path / "fedpft-n" / "seed0" / "metrics.json").write_text(
-        (tmp_path / "other" / "fedpft-n" / "seed0" / "metrics.json").read_text())
-    table = cmp.compare(tiny_base, ["fedpft-n"], [0], out_dir=tmp_path, resume=True, progress=False)
-    assert len(count_runs) == 3 and len(table["methods"]["fedpft-n"]["grad_cosine_by_round"]) == 3
+    for name in ("checkpoint.pt", "metrics.json"):                    # a stale, finished run of another config
+        (tmp_path / "fedpft-n" / "seed0" / name).write_bytes((tmp_path / "other" / "fedpft-n" / "seed0" / name).read_bytes())
+    before = (tmp_path / "fedpft-n" / "seed0" / "metrics.json").read_bytes()
+    with pytest.raises(ConfigError, match="different configuration"):
+        cmp.compare(tiny_base, ["fedpft-n"], [0], out_dir=tmp_path, resume=True, progress=False)
+    assert len(count_runs) == 3          # the third call stopped while reading the folder, before any training
+    assert (tmp_path / "fedpft-n" / "seed0" / "metrics.json").read_bytes() == before
