@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import html
 import importlib.util
 import json
 import os
 import pickle
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,7 @@ from fedpft_lab.paths import cache_dir, config_key
 
 TASKS: tuple[str, ...] = ("tweets", "wiki-topics", "sst2", "qnli", "mnli", "qqp", "cifar10")
 OFFLINE_TASKS = ("tweets", "wiki-topics")
-CACHE_VERSION = 1   # bump when the meaning of a cached file changes
+CACHE_VERSION = 2   # bump when the meaning of a cached file changes
 
 # Long enough for nearly every example of the task; longer only costs time.
 MAX_LENGTH = {"tweets": 64, "wiki-topics": 128, "sst2": 64, "qnli": 128, "mnli": 128,
@@ -91,6 +93,61 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
+_URL = re.compile(r"(?:https?://|www\.)\S+")
+_MENTION = re.compile(r"@\w+")
+_NON_WORD = re.compile(r"[^\w\s]|_")
+_RETWEET = re.compile(r"\brt\b")
+
+
+def near_duplicate_key(text: str) -> str:
+    """What is left of a text once retweet noise is removed: the key that groups near-copies.
+
+    Tweets come as retweets and reposts that differ only in a shortened URL, an @mention, an "RT"
+    or punctuation. If one copy trains a client and another is in the test set, the test measures
+    memory, not generalisation. So: HTML entities decoded, lower-cased, URLs, @mentions, punctuation
+    and a standalone "rt" removed, whitespace collapsed.
+    """
+    text = html.unescape(text).lower()
+    text = _NON_WORD.sub(" ", _MENTION.sub(" ", _URL.sub(" ", text)))
+    return " ".join(_RETWEET.sub(" ", text).split())
+
+
+def stratified_group_split(labels: np.ndarray, groups: np.ndarray, test_fraction: float,
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) indices, every group wholly on one side, ~``test_fraction`` of each label in test.
+
+    A group counts towards its majority label (ties: the smaller label id). Per label, its groups are
+    shuffled and the prefix whose size comes closest to ``test_fraction`` of them goes to test, so the
+    stratification is exact up to one group. With one example per group this is the plain stratified
+    split, draw for draw.
+    """
+    labels = np.asarray(labels)
+    _, first, group_of = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    group_of = rank[group_of.reshape(-1)]                          # group ids in order of first appearance
+    classes, label_of = np.unique(labels, return_inverse=True)
+    votes = np.zeros((len(first), len(classes)), dtype=np.int64)
+    np.add.at(votes, (group_of, label_of.reshape(-1)), 1)
+    majority, sizes = votes.argmax(1), votes.sum(1)
+
+    rng = _rng(seed, 0)
+    test_groups = []
+    for c in range(len(classes)):
+        members = rng.permutation(np.flatnonzero(majority == c))
+        taken = np.concatenate([[0], np.cumsum(sizes[members])])
+        target = int(round(taken[-1] * test_fraction))
+        test_groups.append(members[: int(np.argmin(np.abs(taken - target)))])
+    is_test = np.isin(group_of, np.concatenate(test_groups))
+    test = np.flatnonzero(is_test).astype(np.int64)
+    train = np.flatnonzero(~is_test).astype(np.int64)
+    if len(train) == 0 or len(test) == 0:
+        raise ConfigError(f"test_fraction={test_fraction:g} leaves an empty train or test split "
+                          f"for {len(labels)} examples in {len(first)} groups; use a value in (0, 1) "
+                          f"and more data")
+    return train, test
+
+
 def stratified_split(labels: np.ndarray, test_fraction: float,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, test) indices holding ``test_fraction`` of every label in test.
@@ -98,17 +155,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float,
     Stratifying keeps the test label mix equal to the train mix, so accuracy is comparable across
     seeds even for the rarer labels.
     """
-    rng = _rng(seed, 0)
-    test_parts = []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        test_parts.append(idx[: int(round(len(idx) * test_fraction))])
-    test = np.sort(np.concatenate(test_parts)).astype(np.int64)
-    train = np.setdiff1d(np.arange(len(labels)), test).astype(np.int64)
-    if len(train) == 0 or len(test) == 0:
-        raise ConfigError(f"test_fraction={test_fraction:g} leaves an empty train or test split "
-                          f"for {len(labels)} examples; use a value in (0, 1) and more data")
-    return train, test
+    return stratified_group_split(labels, np.arange(len(labels)), test_fraction, seed)
 
 
 def stratified_subsample(labels: np.ndarray, size: int | None, rng: np.random.Generator,
@@ -147,10 +194,17 @@ def _text_dataset(texts: Sequence[str], labels: Sequence[int], label_names: list
 
 def _split_frame(frame: pd.DataFrame, label_names: list[str], seed: int, test_fraction: float,
                  max_train: int | None, max_test: int | None, pair: bool = False,
-                 balanced: bool = False) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Stratified train/test split of a (text[, text_pair], label) frame, then optional subsampling."""
+                 balanced: bool = False, groups: np.ndarray | None = None
+                 ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Stratified train/test split of a (text[, text_pair], label) frame, then optional subsampling.
+
+    Rows sharing a group stay on one side. By default a row's group is its ``near_duplicate_key``
+    (of both texts for pairs), so near-copies never straddle train and test.
+    """
     labels = frame["label"].to_numpy(dtype=np.int64)
-    train_idx, test_idx = stratified_split(labels, test_fraction, seed)
+    if groups is None:
+        groups = _near_duplicate_groups(frame, pair)
+    train_idx, test_idx = stratified_group_split(labels, groups, test_fraction, seed)
     train_idx = train_idx[stratified_subsample(labels[train_idx], max_train, _rng(seed, 1), balanced)]
     test_idx = test_idx[stratified_subsample(labels[test_idx], max_test, _rng(seed, 2), balanced)]
 
@@ -159,6 +213,13 @@ def _split_frame(frame: pd.DataFrame, label_names: list[str], seed: int, test_fr
         return _text_dataset(part["text"].tolist(), part["label"].tolist(), label_names,
                              part["text_pair"].tolist() if pair else None)
     return build(train_idx), build(test_idx)
+
+
+def _near_duplicate_groups(frame: pd.DataFrame, pair: bool) -> np.ndarray:
+    keys = frame["text"].map(near_duplicate_key)
+    if pair:
+        keys = keys + "\t" + frame["text_pair"].map(near_duplicate_key)
+    return keys.to_numpy(dtype=object)
 
 
 # ----------------------------------------------------------------------------- tweets
@@ -318,7 +379,8 @@ def fixed_length_rows(tokenizer: Any, texts: Sequence[str], length: int, max_row
 
 def public_task_sentences(tokenizer: Any, task: TaskData, length: int = 32, max_blocks: int | None = 4096,
                           seed: int = 0) -> torch.LongTensor:
-    """In-domain public data: unlabeled tweets that no client holds and the test set does not use.
+    """In-domain public data: unlabeled tweets that no client holds and the test set does not use,
+    nor near-copies of them (same ``near_duplicate_key``).
 
     The paper's public corpus is general text (Wikipedia); for tweets that is another domain, and the
     sub-FM aligned on it matches the FM's hidden states on tweets far less well (a lesson of lab 06).
@@ -330,8 +392,8 @@ def public_task_sentences(tokenizer: Any, task: TaskData, length: int = 32, max_
     check_range("length", length, 4, getattr(tokenizer, "model_max_length", 512))
     if max_blocks is not None:
         check_range("max_blocks", max_blocks, 1, None)
-    used = set(task.train["text"]) | set(task.test["text"])
-    texts = [t for t in _tweets_frame(0.0)["text"] if t not in used]
+    used = {near_duplicate_key(t) for split in (task.train, task.test) for t in split["text"]}
+    texts = [t for t in _tweets_frame(0.0)["text"] if near_duplicate_key(t) not in used]
     _rng(seed, 3).shuffle(texts)
     rows = fixed_length_rows(tokenizer, texts, length, max_blocks)
     if not rows:
@@ -357,7 +419,6 @@ def public_corpus_sentences(tokenizer: Any, length: int = 32, max_blocks: int | 
     cached = _try_load(path)
     if isinstance(cached, torch.Tensor):
         return cached
-    import re
 
     sentences = [s for text in public_corpus_texts(seed=seed) for s in re.split(r"(?<=[.!?])\s+", text)]
     rows = fixed_length_rows(tokenizer, sentences, length, max_blocks)

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedpft_lab import data
 from fedpft_lab.data import (TASKS, EncodedSplit, encode_task, iterate_batches, load_task,
@@ -95,6 +97,80 @@ def test_balanced_takes_equal_labels_from_the_same_split(tweets):
     counts = np.bincount(everything.train["label"])
     assert counts[0] == counts[1] == min(np.bincount(full.train["label"]))
     assert everything.fingerprint != full.fingerprint
+
+
+# ----------------------------------------------------------------------------- near-duplicates
+
+def test_near_duplicate_key_ignores_retweet_noise():
+    key = data.near_duplicate_key
+    copies = ["RT @carfan: Self-driving cars are GREAT!!! http://t.co/AbC123",
+              "self-driving cars are great https://t.co/zz9 @news",
+              "  Self driving   cars, are great &amp; www.example.com/x",
+              "@a @b_c Self-driving cars are great. RT"]
+    assert {key(t) for t in copies[:2]} == {"self driving cars are great"}
+    assert key(copies[2]) == "self driving cars are great"          # "&amp;" decodes to "&", then punctuation
+    assert key(copies[3]) == "self driving cars are great"
+    assert key("Smart cars are great") != key(copies[0])
+    assert key("Ford starts a trial") == "ford starts a trial"        # "rt" only as a whole word
+
+
+def _reference_stratified_split(labels, test_fraction, seed):
+    """The plain per-label split the group split must reproduce for singleton groups (the pre-group code)."""
+    rng = np.random.default_rng([seed, 0])
+    test = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[
+        : int(round((labels == c).sum() * test_fraction))] for c in np.unique(labels)]))
+    return np.setdiff1d(np.arange(len(labels)), test), test
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_group_split_of_singletons_is_the_plain_stratified_split(seed):
+    labels = np.random.default_rng(seed).integers(0, 3, 257)
+    train, test = data.stratified_group_split(labels, np.arange(257), 0.2, seed)
+    ref_train, ref_test = _reference_stratified_split(labels, 0.2, seed)
+    assert np.array_equal(test, ref_test) and np.array_equal(train, ref_train)
+    assert all(np.array_equal(a, b) for a, b in zip(data.stratified_split(labels, 0.2, seed), (train, test)))
+
+
+@given(sizes=st.lists(st.integers(1, 6), min_size=4, max_size=60), seed=st.integers(0, 2**16),
+       fraction=st.floats(0.1, 0.5), flip=st.integers(0, 2**30))
+@settings(max_examples=60, deadline=None)
+def test_group_split_keeps_groups_whole_and_close_to_the_fraction(sizes, seed, fraction, flip):
+    groups = np.repeat(np.arange(len(sizes)), sizes)[::-1].copy()     # group ids in no particular order
+    labels = (np.random.default_rng(flip).random(len(groups)) < 0.3).astype(np.int64)
+    try:
+        train, test = data.stratified_group_split(labels, groups, fraction, seed)
+    except ConfigError as err:
+        assert "empty train or test" in str(err)
+        return
+    assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(groups)))
+    assert not set(groups[train]) & set(groups[test])
+    majority = {g: int(np.mean(labels[groups == g]) > 0.5) for g in set(groups)}  # ties -> label 0
+    for c in (0, 1):                     # per majority label: within half the largest group of the target
+        pool = [g for g in majority if majority[g] == c]
+        total = sum((groups == g).sum() for g in pool)
+        in_test = sum((groups[test] == g).sum() for g in pool)
+        assert abs(in_test - round(total * fraction)) <= max(sizes) / 2 + 0.5
+
+
+def test_near_duplicates_never_straddle_train_and_test(tmp_path):
+    noise = ["RT @user{}: {}!", "{1} http://t.co/{0}", "@bot{} {} ...", "{1}"]
+    rows = [{"text": noise[v % 4].format(g * 10 + v, f"story number {g} about cars"), "label": g % 2}
+            for g in range(40) for v in range(g % 4 + 1)]
+    path = tmp_path / "dups.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    for seed in range(4):
+        task = load_task(str(path), seed=seed, test_fraction=0.25)
+        train_keys = {data.near_duplicate_key(t) for t in task.train["text"]}
+        test_keys = {data.near_duplicate_key(t) for t in task.test["text"]}
+        assert len(train_keys | test_keys) == 40 and not train_keys & test_keys
+        assert len(task.test) / len(rows) == pytest.approx(0.25, abs=0.05)
+        assert 0.3 < np.mean(task.test["label"]) < 0.7
+
+
+def test_no_normalised_tweet_in_both_train_and_test(tweets):
+    train_keys = {data.near_duplicate_key(t) for t in tweets.train["text"]}
+    test_keys = {data.near_duplicate_key(t) for t in tweets.test["text"]}
+    assert len(train_keys) > 10_000 and not train_keys & test_keys
 
 
 # ----------------------------------------------------------------------------- Wikipedia
@@ -354,6 +430,8 @@ def test_public_task_tweets_are_unlabeled_held_out_rows(tokenizer, monkeypatch):
     assert (rows == tokenizer.pad_token_id).sum() == 0
     # drawn from tweets that neither a client nor the test set holds
     assert len(seen) > 20_000 and not set(seen) & (set(task.train["text"]) | set(task.test["text"]))
+    used = {data.near_duplicate_key(t) for t in [*task.train["text"], *task.test["text"]]}
+    assert not {data.near_duplicate_key(t) for t in seen} & used, "a public tweet is a near-copy of a task tweet"
     assert torch.equal(rows, data.public_task_sentences(tokenizer, task, length=20, max_blocks=300, seed=0))
     assert not torch.equal(rows, data.public_task_sentences(tokenizer, task, length=20, max_blocks=300, seed=1))
 
