@@ -59,6 +59,7 @@ GLUE = {
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                   "truck"]
 MAX_PIXEL_BYTES = 4 * 2**30   # pixel_values live in RAM; beyond this, ask for max_train/max_test
+PUBLIC_IMAGE_FRACTION = 0.1   # of an image task's training pool, set aside as the server's public images
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class TaskData:
     max_length: int                # tokens per example after truncation (0 for image tasks)
     modality: str = "text"         # "text" | "image"
     fingerprint: str = ""          # stable id of (source, options); "" disables the encode cache
+    public: datasets.Dataset | None = None   # image tasks: held-out unlabeled "image"s for the server
 
     @property
     def num_labels(self) -> int:
@@ -474,15 +476,37 @@ def _load_glue(task: str, seed: int, max_train: int | None, max_test: int | None
     return train, test, _label_names(raw["train"], fallback_names)
 
 
-def _load_cifar10(seed: int, max_train: int | None, max_test: int | None,
-                  balanced: bool) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+def reserve_public(task: str, pool: datasets.Dataset, seed: int,
+                   fraction: float = PUBLIC_IMAGE_FRACTION) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rest, public): a seeded, stratified ``fraction`` of ``pool`` set aside, in random order, without labels.
+
+    No public image corpus ships offline, so the server's unlabeled images come from the task's own
+    training pool. They are set aside *before* the train subsample and the client partition, so no
+    client ever trains on an image the server distils or aligns on (FedPFT's public data is the
+    server's own, disjoint from the clients' data); the test set is a separate split already.
+    """
+    labels = np.asarray(pool["label"], dtype=np.int64)
+    size = int(len(labels) * fraction)
+    if size < 1 or size >= len(labels):
+        raise ConfigError(f"task {task!r}: its training pool of {len(labels)} images is too small to set aside "
+                          f"{fraction:.0%} as the server's public images (needs >= {int(np.ceil(1 / fraction))}); "
+                          f"use a larger pool or give the server a separate unlabeled image corpus")
+    rng = _rng(seed, 4)
+    public = rng.permutation(stratified_subsample(labels, size, rng))
+    rest = np.setdiff1d(np.arange(len(labels)), public)
+    return pool.select(rest), pool.select(public).select_columns(["image"])
+
+
+def _load_cifar10(seed: int, max_train: int | None, max_test: int | None, balanced: bool
+                  ) -> tuple[datasets.Dataset, datasets.Dataset, list[str], datasets.Dataset]:
     raw = _load_from_hub("cifar10", "uoft-cs/cifar10", None)
 
     def convert(ds: datasets.Dataset) -> datasets.Dataset:
         return ds.select_columns(["img", "label"]).rename_column("img", "image")
-    train = _subsample_dataset(convert(raw["train"]), max_train, _rng(seed, 1), balanced)
+    pool, public = reserve_public("cifar10", convert(raw["train"]), seed)
+    train = _subsample_dataset(pool, max_train, _rng(seed, 1), balanced)
     test = _subsample_dataset(convert(raw["test"]), max_test, _rng(seed, 2), balanced)
-    return train, test, _label_names(raw["train"], CIFAR10_LABELS)
+    return train, test, _label_names(raw["train"], CIFAR10_LABELS), public
 
 
 # ----------------------------------------------------------------------------- bring your own
@@ -555,7 +579,7 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
     if balanced:
         options["balanced"] = True
 
-    modality = "text"
+    modality, public = "text", None
     if task == "tweets":
         train, test, names = _load_tweets(seed, min_confidence, test_fraction, max_train, max_test, balanced)
     elif task == "wiki-topics":
@@ -563,7 +587,7 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
     elif task in GLUE:
         train, test, names = _load_glue(task, seed, max_train, max_test, balanced)
     elif task == "cifar10":
-        train, test, names = _load_cifar10(seed, max_train, max_test, balanced)
+        train, test, names, public = _load_cifar10(seed, max_train, max_test, balanced)
         modality = "image"
     else:
         path = Path(str(task)).expanduser()
@@ -575,7 +599,7 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
         fingerprint = config_key({"task": str(path.resolve()), "sha1": _file_digest(path), **options})
         return TaskData(path.stem, train, test, names, LOCAL_MAX_LENGTH, "text", fingerprint)
     return TaskData(task, train, test, names, MAX_LENGTH[task], modality,
-                    config_key({"task": task, **options}))
+                    config_key({"task": task, **options}), public)
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -668,7 +692,9 @@ def _image_tensor(image: Any) -> torch.Tensor:
 
 
 def _encode_images(ds: datasets.Dataset, processor: Any) -> EncodedSplit:
-    labels = np.asarray(ds["label"], dtype=np.int64)
+    """Pixel values of ``ds``'s images; labels -1 where there are none (the public images)."""
+    labels = (np.asarray(ds["label"], dtype=np.int64) if "label" in ds.column_names
+              else np.full(len(ds), -1, dtype=np.int64))
     first = _image_tensor(ds[0]["image"])
     settings = _image_settings(processor, (first.shape[1], first.shape[2]))
     height, width = settings["height"], settings["width"]
@@ -749,6 +775,26 @@ def encode_task(task: TaskData, tokenizer_or_processor: Any, *,
     if task.fingerprint:
         atomic_torch_save({"train": _pack(train), "test": _pack(test)}, path)
     return train, test
+
+
+def public_task_images(processor: Any, task: TaskData, max_images: int | None = 4096) -> torch.Tensor:
+    """The server's public images (``task.public``, never a client's or a test image) as pixel_values, cached."""
+    if task.public is None:
+        raise ConfigError(f"task {task.name!r} has no public images set aside; image tasks need a public "
+                          f"unlabeled image corpus disjoint from the clients' data")
+    if max_images is not None:
+        check_range("max_images", max_images, 1, None)
+    public = task.public.select(range(min(len(task.public), max_images or len(task.public))))
+    key = config_key({"kind": "public-images", "task": task.fingerprint, "processor": _processor_id(processor),
+                      "max_images": max_images, "version": CACHE_VERSION})
+    path = cache_dir() / f"public-{task.name}-{key}.pt"
+    cached = _try_load(path) if task.fingerprint else None
+    if isinstance(cached, torch.Tensor):
+        return cached
+    pixels = _encode_images(public, processor).pixel_values
+    if task.fingerprint:
+        atomic_torch_save(pixels, path)
+    return pixels
 
 
 # ----------------------------------------------------------------------------- batching

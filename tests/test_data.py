@@ -280,7 +280,7 @@ def fake_glue(config: str) -> datasets.DatasetDict:
     return datasets.DatasetDict({"train": split(24), test_split: split(9), "test": split(5, False)})
 
 
-def fake_cifar10() -> datasets.DatasetDict:
+def fake_cifar10(n_train: int = 20) -> datasets.DatasetDict:
     rng = np.random.default_rng(0)
 
     def split(n: int) -> datasets.Dataset:
@@ -289,7 +289,7 @@ def fake_cifar10() -> datasets.DatasetDict:
         return datasets.Dataset.from_dict(
             {"img": [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)],
              "label": [i % 10 for i in range(n)]}, features=features)
-    return datasets.DatasetDict({"train": split(20), "test": split(10)})
+    return datasets.DatasetDict({"train": split(n_train), "test": split(10)})
 
 
 @pytest.fixture
@@ -325,7 +325,7 @@ def test_cifar10_images_to_pixel_values(fake_hub):
                                 rescale_factor=1 / 255, do_normalize=True,
                                 image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     train, test = encode_task(task, processor)
-    assert train.pixel_values.shape == (20, 3, 16, 16) and train.input_ids == []
+    assert train.pixel_values.shape == (18, 3, 16, 16) and train.input_ids == []     # 2 of 20 set aside as public
     assert train.pixel_values.dtype == torch.float32
     assert -1.0 <= train.pixel_values.min() and train.pixel_values.max() <= 1.0
     raw = np.asarray(task.train[0]["image"], dtype=np.float32)          # HWC, 8x8
@@ -334,6 +334,47 @@ def test_cifar10_images_to_pixel_values(fake_hub):
     assert torch.allclose(unresized.pixel_values[0], torch.from_numpy(raw / 255 * 2 - 1).permute(2, 0, 1), atol=1e-6)
     batch = pad_batch(test, np.array([0, 2]))
     assert set(batch) == {"pixel_values", "labels"} and batch["pixel_values"].shape == (2, 3, 16, 16)
+
+
+IMAGE_PROCESSOR = SimpleNamespace(do_resize=False, do_normalize=False, do_rescale=False)   # raw pixels
+
+
+def image_bytes(ds: datasets.Dataset) -> list[bytes]:
+    return [np.asarray(x, dtype=np.uint8).tobytes() for x in ds["image" if "image" in ds.column_names else "img"]]
+
+
+def test_cifar10_public_images_are_held_out_and_unlabeled(fake_hub, monkeypatch):
+    pool = image_bytes(fake_cifar10(60)["train"])
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kw: fake_cifar10(60))
+    task = load_task("cifar10", seed=1)
+    assert task.public.column_names == ["image"] and len(task.public) == 6      # 10% of 60, no labels
+    public, train, test = image_bytes(task.public), image_bytes(task.train), image_bytes(task.test)
+    assert len(set(pool)) == 60 and sorted(public + train) == sorted(pool)       # a partition of the pool
+    assert not set(public) & set(train) and not set(public) & set(test)
+    small = load_task("cifar10", seed=1, max_train=12)                          # subsampled after the reserve
+    assert image_bytes(small.public) == public and not set(image_bytes(small.train)) & set(public)
+    assert image_bytes(load_task("cifar10", seed=2).public) != public
+
+
+def test_image_public_inputs_are_never_training_images(fake_hub):
+    from fedpft_lab.workspace import DataConfig, public_inputs
+
+    task = load_task("cifar10")
+    train, test = encode_task(task, IMAGE_PROCESSOR)
+    public = public_inputs(DataConfig(task="cifar10", public_blocks=64), IMAGE_PROCESSOR, task)
+    seen = {x.numpy().tobytes() for x in (*train.pixel_values, *test.pixel_values)}
+    assert not any(x.numpy().tobytes() in seen for x in public), "the server distils on a client's image"
+    assert len(public) == 2 and public.shape[1:] == train.pixel_values.shape[1:]
+    assert torch.equal(public[0], torch.from_numpy(np.asarray(task.public[0]["image"], np.float32)).permute(2, 0, 1))
+    assert len(public_inputs(DataConfig(task="cifar10", public_blocks=1), IMAGE_PROCESSOR, task)) == 1
+
+
+def test_too_few_images_to_set_public_ones_aside(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kw: fake_cifar10(9))
+    with pytest.raises(ConfigError, match="too small to set aside 10% as the server's public images.*separate"):
+        load_task("cifar10")
+    with pytest.raises(ConfigError, match="no public images"):
+        data.public_task_images(IMAGE_PROCESSOR, load_task("tweets", max_train=20, max_test=10))
 
 
 def test_unreachable_hub_says_what_to_do(monkeypatch):
