@@ -381,7 +381,7 @@ def _load_wiki_pairs(seed: int, test_fraction: float, max_train: int | None, max
 
 
 def public_corpus_texts(max_articles: int | None = None, seed: int = 0) -> list[str]:
-    """Summaries of the "public" half (never in wiki-topics), in a seeded random order."""
+    """Summaries of the "public" half (never in wiki-topics or wiki-pairs), in a seeded random order."""
     if max_articles is not None:
         check_range("max_articles", max_articles, 1, None)
     texts = [a["extract"] for a in _wiki_articles() if wiki_half(a["title"]) == "public"]
@@ -653,7 +653,7 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
     """Load a task by name (see TASKS) or from a .csv/.jsonl path, split and subsampled by ``seed``.
 
     ``min_confidence`` applies to tweets only (rows without a confidence value are dropped as soon as
-    it is > 0); ``test_fraction`` to tasks without an official test split (tweets, wiki-topics,
+    it is > 0); ``test_fraction`` to tasks without an official test split (tweets, wiki-topics, wiki-pairs,
     local files). Hub tasks use their validation split as test. ``max_train``/``max_test`` take a
     seeded, stratified subsample, handy for quick runs on a CPU; ``balanced=True`` takes equally many
     examples of every label instead (train and test), so chance level is 1/K.
