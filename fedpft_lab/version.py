@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import __version__
 
-RESULTS_VERSION = "2026.12.1"
+RESULTS_VERSION = "2026.12.2"
 
 
 def code_version() -> dict[str, str]:

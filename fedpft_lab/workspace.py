@@ -110,10 +110,10 @@ def split_heldout(public: torch.Tensor, max_heldout: int = 64) -> tuple[torch.Te
 
 def public_inputs(cfg: DataConfig, preprocessor, task: "data.TaskData") -> torch.Tensor:
     """Server-side unlabeled data. Text: Wikipedia, or with ``public="task"`` held-out task text without labels.
-    Images: the task's training images without their labels (no public image corpus ships offline)."""
+    Images: the images the task set aside from its training pool before the client split (``task.public``),
+    without labels; no public image corpus ships offline, and the clients' own images must not be the server's."""
     if task.modality == "image":
-        train, _ = data.encode_task(task, preprocessor)
-        return train.pixel_values[: cfg.public_blocks]
+        return data.public_task_images(preprocessor, task, max_images=cfg.public_blocks)
     check_choice("public", cfg.public, ("sentences", "blocks", "task"))
     if cfg.public == "task":
         return data.public_task_sentences(preprocessor, task, length=cfg.block_size, max_blocks=cfg.public_blocks,

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedpft_lab import data
 from fedpft_lab.data import (TASKS, EncodedSplit, encode_task, iterate_batches, load_task,
@@ -97,6 +99,80 @@ def test_balanced_takes_equal_labels_from_the_same_split(tweets):
     assert everything.fingerprint != full.fingerprint
 
 
+# ----------------------------------------------------------------------------- near-duplicates
+
+def test_near_duplicate_key_ignores_retweet_noise():
+    key = data.near_duplicate_key
+    copies = ["RT @carfan: Self-driving cars are GREAT!!! http://t.co/AbC123",
+              "self-driving cars are great https://t.co/zz9 @news",
+              "  Self driving   cars, are great &amp; www.example.com/x",
+              "@a @b_c Self-driving cars are great. RT"]
+    assert {key(t) for t in copies[:2]} == {"self driving cars are great"}
+    assert key(copies[2]) == "self driving cars are great"          # "&amp;" decodes to "&", then punctuation
+    assert key(copies[3]) == "self driving cars are great"
+    assert key("Smart cars are great") != key(copies[0])
+    assert key("Ford starts a trial") == "ford starts a trial"        # "rt" only as a whole word
+
+
+def _reference_stratified_split(labels, test_fraction, seed):
+    """The plain per-label split the group split must reproduce for singleton groups (the pre-group code)."""
+    rng = np.random.default_rng([seed, 0])
+    test = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[
+        : int(round((labels == c).sum() * test_fraction))] for c in np.unique(labels)]))
+    return np.setdiff1d(np.arange(len(labels)), test), test
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_group_split_of_singletons_is_the_plain_stratified_split(seed):
+    labels = np.random.default_rng(seed).integers(0, 3, 257)
+    train, test = data.stratified_group_split(labels, np.arange(257), 0.2, seed)
+    ref_train, ref_test = _reference_stratified_split(labels, 0.2, seed)
+    assert np.array_equal(test, ref_test) and np.array_equal(train, ref_train)
+    assert all(np.array_equal(a, b) for a, b in zip(data.stratified_split(labels, 0.2, seed), (train, test)))
+
+
+@given(sizes=st.lists(st.integers(1, 6), min_size=4, max_size=60), seed=st.integers(0, 2**16),
+       fraction=st.floats(0.1, 0.5), flip=st.integers(0, 2**30))
+@settings(max_examples=60, deadline=None)
+def test_group_split_keeps_groups_whole_and_close_to_the_fraction(sizes, seed, fraction, flip):
+    groups = np.repeat(np.arange(len(sizes)), sizes)[::-1].copy()     # group ids in no particular order
+    labels = (np.random.default_rng(flip).random(len(groups)) < 0.3).astype(np.int64)
+    try:
+        train, test = data.stratified_group_split(labels, groups, fraction, seed)
+    except ConfigError as err:
+        assert "empty train or test" in str(err)
+        return
+    assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(groups)))
+    assert not set(groups[train]) & set(groups[test])
+    majority = {g: int(np.mean(labels[groups == g]) > 0.5) for g in set(groups)}  # ties -> label 0
+    for c in (0, 1):                     # per majority label: within half the largest group of the target
+        pool = [g for g in majority if majority[g] == c]
+        total = sum((groups == g).sum() for g in pool)
+        in_test = sum((groups[test] == g).sum() for g in pool)
+        assert abs(in_test - round(total * fraction)) <= max(sizes) / 2 + 0.5
+
+
+def test_near_duplicates_never_straddle_train_and_test(tmp_path):
+    noise = ["RT @user{}: {}!", "{1} http://t.co/{0}", "@bot{} {} ...", "{1}"]
+    rows = [{"text": noise[v % 4].format(g * 10 + v, f"story number {g} about cars"), "label": g % 2}
+            for g in range(40) for v in range(g % 4 + 1)]
+    path = tmp_path / "dups.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    for seed in range(4):
+        task = load_task(str(path), seed=seed, test_fraction=0.25)
+        train_keys = {data.near_duplicate_key(t) for t in task.train["text"]}
+        test_keys = {data.near_duplicate_key(t) for t in task.test["text"]}
+        assert len(train_keys | test_keys) == 40 and not train_keys & test_keys
+        assert len(task.test) / len(rows) == pytest.approx(0.25, abs=0.05)
+        assert 0.3 < np.mean(task.test["label"]) < 0.7
+
+
+def test_no_normalised_tweet_in_both_train_and_test(tweets):
+    train_keys = {data.near_duplicate_key(t) for t in tweets.train["text"]}
+    test_keys = {data.near_duplicate_key(t) for t in tweets.test["text"]}
+    assert len(train_keys) > 10_000 and not train_keys & test_keys
+
+
 # ----------------------------------------------------------------------------- Wikipedia
 
 def test_wiki_topics_is_disjoint_from_public_corpus():
@@ -138,6 +214,87 @@ def test_public_corpus_blocks_shape_content_and_cache(tokenizer, tmp_path, monke
         public_corpus_blocks(tokenizer, block_size=1)
 
 
+# ----------------------------------------------------------------------------- wiki-pairs
+
+def test_article_sentences_glue_back_cuts_that_are_no_sentence_end():
+    text = ("William Franklin Graham Jr. was an American evangelist. He was born in St. Louis, "
+            "in the U.S. state of Missouri. In 1949, Riley B. King recorded a song. It sold. the end")
+    assert data.article_sentences(text) == [
+        "William Franklin Graham Jr. was an American evangelist.",
+        "He was born in St. Louis, in the U.S. state of Missouri.",
+        "In 1949, Riley B. King recorded a song.", "It sold. the end"]
+
+
+@pytest.fixture(scope="module")
+def wiki_pairs():
+    frame, groups = data._wiki_pairs_frame()
+    articles = [a for a in data._wiki_articles() if wiki_half(a["title"]) == "task"]
+    return frame, groups, {a["title"]: a for a in articles}
+
+
+def test_wiki_pairs_are_next_sentences_or_same_topic_sentences(wiki_pairs):
+    frame, groups, task_articles = wiki_pairs
+    assert len(frame) > 20_000 and frame["label"].value_counts().tolist() == [len(frame) // 2] * 2
+    origin = {}                                      # sentence -> (title, position); unique sentences only
+    for title, a in task_articles.items():
+        for i, sentence in enumerate(data.article_sentences(a["extract"])):
+            origin[sentence] = None if sentence in origin else (title, i)
+    checked = 0
+    for a, b, label in frame[["text", "text_pair", "label"]].itertuples(index=False):
+        if origin.get(a) is None or origin.get(b) is None:
+            continue
+        (title_a, i), (title_b, j) = origin[a], origin[b]
+        assert j > 0, "B is never an article's first sentence"
+        if label == 1:
+            assert (title_b, j) == (title_a, i + 1)
+        else:
+            assert title_b != title_a and task_articles[title_b]["topic"] == task_articles[title_a]["topic"]
+        checked += 1
+    assert checked > 0.95 * len(frame)
+    both = frame.groupby("text")["label"].nunique()
+    assert (both == 2).mean() > 0.99, "every A appears with a next sentence and with a foreign one"
+    again, _ = data._wiki_pairs_frame()
+    assert again.equals(frame)
+
+
+def test_wiki_pairs_never_share_a_sentence_or_article_with_the_public_corpus(wiki_pairs):
+    frame, _, task_articles = wiki_pairs
+    def joined(texts):                               # whitespace made uniform, as the sentence splitter leaves it
+        return "\n".join(" ".join(t.split()) for t in texts)
+    public, task = joined(public_corpus_texts()), joined(a["extract"] for a in task_articles.values())
+    sample = frame.sample(400, random_state=0)
+    for sentence in [*sample["text"], *sample["text_pair"]]:
+        sentence = " ".join(sentence.split())
+        assert sentence in task and sentence not in public
+    task_sentences = set(frame["text"]) | set(frame["text_pair"])
+    public_sentences = {s for t in public_corpus_texts() for s in data.article_sentences(t)}
+    assert not task_sentences & public_sentences
+
+
+def test_wiki_pairs_split_keeps_articles_on_one_side(wiki_pairs, tokenizer):
+    _, _, task_articles = wiki_pairs
+    task = load_task("wiki-pairs", seed=2)
+    assert task.label_names == ["other_article", "next_sentence"] and task.max_length == 96
+    assert task.train.column_names == ["text", "text_pair", "label"]
+    assert len(task.test) / (len(task.train) + len(task.test)) == pytest.approx(0.2, abs=0.01)
+    assert abs(np.mean(task.train["label"]) - 0.5) < 0.01 and abs(np.mean(task.test["label"]) - 0.5) < 0.01
+    title_of = {s: t for t, a in task_articles.items() for s in data.article_sentences(a["extract"])}
+
+    def titles(split):
+        return {title_of[s] for s in [*split["text"], *split["text_pair"]]}
+    assert not titles(task.train) & titles(task.test)
+    other = load_task("wiki-pairs", seed=3)
+    assert list(other.test["text"]) != list(task.test["text"])
+    assert sorted([*other.train["text"], *other.test["text"]]) == sorted([*task.train["text"], *task.test["text"]])
+
+    small = load_task("wiki-pairs", max_train=64, max_test=32)
+    train, _ = encode_task(small, tokenizer)
+    assert train.token_type_ids is not None and max(len(r) for r in train.input_ids) <= 96
+    frame = wiki_pairs[0]                            # MAX_LENGTH: the smallest multiple of 16 that holds >= 95%
+    lengths = [len(r) for r in tokenizer(frame["text"].tolist(), frame["text_pair"].tolist())["input_ids"]]
+    assert np.mean(np.asarray(lengths) <= 96) >= 0.95 > np.mean(np.asarray(lengths) <= 80)
+
+
 # ----------------------------------------------------------------------------- bring your own
 
 def test_csv_with_string_labels(tmp_path):
@@ -176,7 +333,7 @@ def test_missing_column_and_unknown_task_errors(tmp_path):
     pd.DataFrame({"text": ["a", "b"], "target": [0, 1]}).to_csv(path, index=False)
     with pytest.raises(ConfigError, match=r"broken\.csv is missing the column 'label'"):
         load_task(str(path))
-    with pytest.raises(ConfigError, match="task must be one of 'tweets', 'wiki-topics', 'sst2'"):
+    with pytest.raises(ConfigError, match="task must be one of 'tweets', 'wiki-topics', 'wiki-pairs', 'sst2'"):
         load_task("imdb")
     with pytest.raises(ConfigError, match="task must be one of"):
         load_task(str(tmp_path / "nope.csv"))
@@ -204,7 +361,7 @@ def fake_glue(config: str) -> datasets.DatasetDict:
     return datasets.DatasetDict({"train": split(24), test_split: split(9), "test": split(5, False)})
 
 
-def fake_cifar10() -> datasets.DatasetDict:
+def fake_cifar10(n_train: int = 20) -> datasets.DatasetDict:
     rng = np.random.default_rng(0)
 
     def split(n: int) -> datasets.Dataset:
@@ -213,7 +370,7 @@ def fake_cifar10() -> datasets.DatasetDict:
         return datasets.Dataset.from_dict(
             {"img": [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(n)],
              "label": [i % 10 for i in range(n)]}, features=features)
-    return datasets.DatasetDict({"train": split(20), "test": split(10)})
+    return datasets.DatasetDict({"train": split(n_train), "test": split(10)})
 
 
 @pytest.fixture
@@ -249,7 +406,7 @@ def test_cifar10_images_to_pixel_values(fake_hub):
                                 rescale_factor=1 / 255, do_normalize=True,
                                 image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     train, test = encode_task(task, processor)
-    assert train.pixel_values.shape == (20, 3, 16, 16) and train.input_ids == []
+    assert train.pixel_values.shape == (18, 3, 16, 16) and train.input_ids == []     # 2 of 20 set aside as public
     assert train.pixel_values.dtype == torch.float32
     assert -1.0 <= train.pixel_values.min() and train.pixel_values.max() <= 1.0
     raw = np.asarray(task.train[0]["image"], dtype=np.float32)          # HWC, 8x8
@@ -258,6 +415,47 @@ def test_cifar10_images_to_pixel_values(fake_hub):
     assert torch.allclose(unresized.pixel_values[0], torch.from_numpy(raw / 255 * 2 - 1).permute(2, 0, 1), atol=1e-6)
     batch = pad_batch(test, np.array([0, 2]))
     assert set(batch) == {"pixel_values", "labels"} and batch["pixel_values"].shape == (2, 3, 16, 16)
+
+
+IMAGE_PROCESSOR = SimpleNamespace(do_resize=False, do_normalize=False, do_rescale=False)   # raw pixels
+
+
+def image_bytes(ds: datasets.Dataset) -> list[bytes]:
+    return [np.asarray(x, dtype=np.uint8).tobytes() for x in ds["image" if "image" in ds.column_names else "img"]]
+
+
+def test_cifar10_public_images_are_held_out_and_unlabeled(fake_hub, monkeypatch):
+    pool = image_bytes(fake_cifar10(60)["train"])
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kw: fake_cifar10(60))
+    task = load_task("cifar10", seed=1)
+    assert task.public.column_names == ["image"] and len(task.public) == 6      # 10% of 60, no labels
+    public, train, test = image_bytes(task.public), image_bytes(task.train), image_bytes(task.test)
+    assert len(set(pool)) == 60 and sorted(public + train) == sorted(pool)       # a partition of the pool
+    assert not set(public) & set(train) and not set(public) & set(test)
+    small = load_task("cifar10", seed=1, max_train=12)                          # subsampled after the reserve
+    assert image_bytes(small.public) == public and not set(image_bytes(small.train)) & set(public)
+    assert image_bytes(load_task("cifar10", seed=2).public) != public
+
+
+def test_image_public_inputs_are_never_training_images(fake_hub):
+    from fedpft_lab.workspace import DataConfig, public_inputs
+
+    task = load_task("cifar10")
+    train, test = encode_task(task, IMAGE_PROCESSOR)
+    public = public_inputs(DataConfig(task="cifar10", public_blocks=64), IMAGE_PROCESSOR, task)
+    seen = {x.numpy().tobytes() for x in (*train.pixel_values, *test.pixel_values)}
+    assert not any(x.numpy().tobytes() in seen for x in public), "the server distils on a client's image"
+    assert len(public) == 2 and public.shape[1:] == train.pixel_values.shape[1:]
+    assert torch.equal(public[0], torch.from_numpy(np.asarray(task.public[0]["image"], np.float32)).permute(2, 0, 1))
+    assert len(public_inputs(DataConfig(task="cifar10", public_blocks=1), IMAGE_PROCESSOR, task)) == 1
+
+
+def test_too_few_images_to_set_public_ones_aside(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kw: fake_cifar10(9))
+    with pytest.raises(ConfigError, match="too small to set aside 10% as the server's public images.*separate"):
+        load_task("cifar10")
+    with pytest.raises(ConfigError, match="no public images"):
+        data.public_task_images(IMAGE_PROCESSOR, load_task("tweets", max_train=20, max_test=10))
 
 
 def test_unreachable_hub_says_what_to_do(monkeypatch):
@@ -270,7 +468,8 @@ def test_unreachable_hub_says_what_to_do(monkeypatch):
 
 
 def test_task_list_is_complete():
-    assert set(TASKS) == {"tweets", "wiki-topics", *data.GLUE, "cifar10"}
+    assert set(TASKS) == {"tweets", "wiki-topics", "wiki-pairs", *data.GLUE, "cifar10"}
+    assert set(data.OFFLINE_TASKS) <= set(TASKS) and set(TASKS) == set(data.MAX_LENGTH)
 
 
 # ----------------------------------------------------------------------------- encoding and batches
@@ -354,6 +553,8 @@ def test_public_task_tweets_are_unlabeled_held_out_rows(tokenizer, monkeypatch):
     assert (rows == tokenizer.pad_token_id).sum() == 0
     # drawn from tweets that neither a client nor the test set holds
     assert len(seen) > 20_000 and not set(seen) & (set(task.train["text"]) | set(task.test["text"]))
+    used = {data.near_duplicate_key(t) for t in [*task.train["text"], *task.test["text"]]}
+    assert not {data.near_duplicate_key(t) for t in seen} & used, "a public tweet is a near-copy of a task tweet"
     assert torch.equal(rows, data.public_task_sentences(tokenizer, task, length=20, max_blocks=300, seed=0))
     assert not torch.equal(rows, data.public_task_sentences(tokenizer, task, length=20, max_blocks=300, seed=1))
 
