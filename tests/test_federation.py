@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from fedpft_lab import adapters, federation as fl
+from fedpft_lab import adapters, federation as fl, parallel
 from fedpft_lab.errors import ConfigError
 
 
@@ -134,8 +134,9 @@ def test_update_disparity_replays_the_first_client_on_the_fm(tiny_ws, tiny_data_
     # independent recomputation of round 1 from the same start
     setup = fl.build_setup(cfg, tiny_ws, progress=False)
     k = m["rounds"][1]["clients"][0]
-    px = fl.client_update(cfg, setup, tiny_ws, k, 1, setup.init_state, False).adapter
-    fm = fl.fm_update(cfg, setup, tiny_ws, k, 1, setup.init_state)
+    with parallel.single_threaded_ops():       # as the run's jobs do, so the arithmetic is the same
+        px = fl.client_update(cfg, setup, tiny_ws, k, 1, setup.init_state, False).adapter
+        fm = fl.fm_update(cfg, setup, tiny_ws, k, 1, setup.init_state)
     keys = sorted(setup.init_state)
     d_px = torch.cat([(px[q] - setup.init_state[q]).double().flatten() for q in keys])
     d_fm = torch.cat([(fm[q] - setup.init_state[q]).double().flatten() for q in keys])
