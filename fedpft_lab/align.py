@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from . import models
+from .config import ALIGN_RULES
 from .distill import DistillConfig, DistillResult, distill, ffn_parameters
 from .errors import check_choice, check_range
 
-RULES = ("mean-abs", "apoz")
+RULES = ALIGN_RULES   # defined with the configuration, which validates align_rule
 LayerStats = dict[str, torch.Tensor]   # {"abs_sum": [m'], "zeros": [m'], "tokens": scalar}
 
 

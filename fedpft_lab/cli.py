@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from .config import ALIGN_RULES, DEVICES, METHODS, SWEEP_PARAM_TYPES
 from .errors import ConfigError
+from .presets import DEFAULT_PRESET, PRESETS, preset_values
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -21,55 +23,69 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like '0 5' or '0,5', got {text!r}") from None
 
 
-def _add_data_args(p: argparse.ArgumentParser, clients_default: int | None = None) -> None:
-    from .workspace import DataConfig
-
-    d = DataConfig()
-    p.add_argument("--fm", default=d.fm, help="foundation model: 'minilm' (offline default), a Hub name such as "
+def _add_data_args(p: argparse.ArgumentParser, preset: str, with_clients: bool = False) -> None:
+    d, _ = preset_values(preset)
+    p.add_argument("--preset", choices=PRESETS, default=preset,
+                   help="sizes to start from (flags given with it still win): workshop (default: the 1.5-minute "
+                        "run), lab, smoke (seconds, for CI), paper (100 clients, 10%% per round, all tweets)")
+    p.add_argument("--device", choices=DEVICES, default=d["device"],
+                   help="where models and batches live: auto (default) takes a CUDA GPU, then Apple's MPS, "
+                        "then the CPU; on a GPU the clients of a round train one after another")
+    p.add_argument("--fm", default=d["fm"], help="foundation model: 'minilm' (offline default), a Hub name such as "
                    "bert-base-uncased / roberta-base / google/vit-base-patch16-224-in21k, a local folder, or tiny-bert")
     p.add_argument("--allow-unsafe-weights", action="store_true",
                    help="let --fm load a local folder's pickle weights (pytorch_model.bin), which can run code; "
                         "only for folders you trust (default: safetensors only)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", default=d.task, help="tweets (default), wiki-topics, wiki-pairs, sst2, qnli, mnli, qqp, cifar10")
+    src.add_argument("--task", default=d["task"], help="tweets (default), wiki-topics, wiki-pairs, sst2, qnli, mnli, qqp, cifar10")
     src.add_argument("--data", default=None, metavar="PATH", help="your own CSV/JSONL with text,label columns")
-    p.add_argument("--max-train", type=int, default=d.max_train, help="training examples used (all clients)")
-    p.add_argument("--max-test", type=int, default=d.max_test, help="test examples used for evaluation")
-    p.add_argument("--public-blocks", type=int, default=d.public_blocks, help="public-corpus blocks for distillation")
-    p.add_argument("--public", choices=("sentences", "blocks", "task"), default=d.public,
+    p.add_argument("--max-train", type=_optional_int, default=d["max_train"],
+                   help="training examples used (all clients; 'all' for the whole training split)")
+    p.add_argument("--max-test", type=_optional_int, default=d["max_test"],
+                   help="test examples used for evaluation ('all' for the whole test split)")
+    p.add_argument("--public-blocks", type=int, default=d["public_blocks"], help="public-corpus blocks for distillation")
+    p.add_argument("--public", choices=("sentences", "blocks", "task"), default=d["public"],
                    help="server's unlabeled data: Wikipedia sentences (default), packed Wikipedia blocks, or "
                         "held-out unlabeled tweets of the clients' domain (task)")
     balance = p.add_mutually_exclusive_group()
-    balance.add_argument("--balance", dest="balanced", action="store_true", default=None,
+    balance.add_argument("--balance", dest="balanced", action="store_true", default=d["balanced"],
                          help="take equally many examples of every label (default for tweets only)")
-    balance.add_argument("--no-balance", dest="balanced", action="store_false", default=None,
+    balance.add_argument("--no-balance", dest="balanced", action="store_false", default=d["balanced"],
                          help="keep the task's own label mix")
-    if clients_default is not None:
-        p.add_argument("--clients", type=int, default=clients_default)
-        p.add_argument("--partition", choices=("iid", "dirichlet"), default=d.partition)
-        p.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration (> 0)")
-        p.add_argument("--convention", choices=("flgo", "per-class"), default=d.convention,
+    if with_clients:
+        p.add_argument("--clients", type=int, default=d["clients"])
+        p.add_argument("--partition", choices=("iid", "dirichlet"), default=d["partition"])
+        p.add_argument("--alpha", type=float, default=d["alpha"], help="Dirichlet concentration (> 0)")
+        p.add_argument("--convention", choices=("flgo", "per-class"), default=d["convention"],
                        help="flgo: each client ~ Dir(alpha * global label mix) (the paper's code); "
                             "per-class: each label split by Dir(alpha) over clients")
     p.add_argument("--seed", type=int, default=0)
 
 
-def _add_subfm_args(p: argparse.ArgumentParser) -> None:
-    from .federation import FedConfig
+def _optional_int(text: str) -> int | None:
+    if text.strip().lower() in ("all", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'all', got {text!r}") from None
 
-    f = FedConfig()
-    p.add_argument("--keep-ratio", type=float, default=f.keep_ratio, help="fraction of FFN neurons kept, in (0, 1]")
+
+def _add_subfm_args(p: argparse.ArgumentParser, preset: str) -> None:
+    _, f = preset_values(preset)
+    p.add_argument("--keep-ratio", type=float, default=f["keep_ratio"], help="fraction of FFN neurons kept, in (0, 1]")
     p.add_argument("--retained-layers", type=_int_list, default=None,
                    help="layers kept whole, e.g. '0 5' (default: first and last)")
-    p.add_argument("--selection", choices=("saliency", "random"), default=f.selection)
-    p.add_argument("--distill-steps", type=int, default=f.distill_steps, help="layer-level distillation steps")
+    p.add_argument("--selection", choices=("saliency", "random"), default=f["selection"])
+    p.add_argument("--distill-steps", type=int, default=f["distill_steps"], help="layer-level distillation steps")
 
 
 def _data_config(a: argparse.Namespace):
-    from .workspace import DataConfig
+    from .config import DataConfig
 
-    kw = dict(fm=a.fm, task=a.data or a.task, max_train=a.max_train, max_test=a.max_test,
-              public=a.public, public_blocks=a.public_blocks, balanced=a.balanced, seed=a.seed)
+    kw, _ = preset_values(a.preset)   # the preset's values of the fields that have no flag
+    kw.update(fm=a.fm, task=a.data or a.task, max_train=a.max_train, max_test=a.max_test, public=a.public,
+              public_blocks=a.public_blocks, balanced=a.balanced, seed=a.seed, device=a.device)
     for name in ("clients", "partition", "alpha", "convention"):
         if hasattr(a, name):
             kw[name] = getattr(a, name)
@@ -79,42 +95,43 @@ def _data_config(a: argparse.Namespace):
 
 
 def _fed_config(a: argparse.Namespace, method: str | None = None):
-    from .federation import FedConfig
+    from .config import FedConfig
 
-    return FedConfig(method=method or a.method, data=_data_config(a), sample_fraction=a.sample_fraction,
-                     rounds=a.rounds, local_epochs=a.local_epochs, batch_size=a.batch_size, lr=a.lr,
-                     keep_ratio=a.keep_ratio,
-                     retained_layers=a.retained_layers, selection=a.selection, distill_steps=a.distill_steps,
-                     align_interval=a.align_interval, align_proportion=a.align_proportion,
-                     align_steps=a.align_steps, align_rule=a.align_rule, lora_rank=a.lora_rank,
-                     dropout=a.dropout, measure_update=a.measure_update, seed=a.seed)
+    _, kw = preset_values(a.preset)   # the preset's values of the fields that have no flag
+    kw.update(method=method or a.method, sample_fraction=a.sample_fraction,
+              rounds=a.rounds, local_epochs=a.local_epochs, batch_size=a.batch_size, lr=a.lr,
+              keep_ratio=a.keep_ratio,
+              retained_layers=a.retained_layers, selection=a.selection, distill_steps=a.distill_steps,
+              align_interval=a.align_interval, align_proportion=a.align_proportion,
+              align_steps=a.align_steps, align_rule=a.align_rule, lora_rank=a.lora_rank,
+              dropout=a.dropout, measure_update=a.measure_update, seed=a.seed)
+    return FedConfig(data=_data_config(a), **kw)
 
 
-def _add_fed_args(p: argparse.ArgumentParser) -> None:
-    from .federation import FedConfig
-
-    f = FedConfig()
-    _add_data_args(p, clients_default=f.data.clients)
-    _add_subfm_args(p)
-    p.add_argument("--sample-fraction", type=float, default=f.sample_fraction, help="clients sampled per round, (0, 1]")
-    p.add_argument("--rounds", type=int, default=f.rounds)
-    p.add_argument("--local-epochs", type=int, default=f.local_epochs)
-    p.add_argument("--batch-size", type=int, default=f.batch_size, help="client batch size")
-    p.add_argument("--lr", type=float, default=f.lr, help="initial client learning rate (linear decay over rounds)")
-    p.add_argument("--lora-rank", type=int, default=f.lora_rank)
-    p.add_argument("--dropout", action="store_true", default=f.dropout,
+def _add_fed_args(p: argparse.ArgumentParser, preset: str) -> None:
+    _, f = preset_values(preset)
+    _add_data_args(p, preset, with_clients=True)
+    _add_subfm_args(p, preset)
+    p.add_argument("--sample-fraction", type=float, default=f["sample_fraction"],
+                   help="clients sampled per round, (0, 1]")
+    p.add_argument("--rounds", type=int, default=f["rounds"])
+    p.add_argument("--local-epochs", type=int, default=f["local_epochs"])
+    p.add_argument("--batch-size", type=int, default=f["batch_size"], help="client batch size")
+    p.add_argument("--lr", type=float, default=f["lr"], help="initial client learning rate (linear decay over rounds)")
+    p.add_argument("--lora-rank", type=int, default=f["lora_rank"])
+    p.add_argument("--dropout", action="store_true", default=f["dropout"],
                    help="train clients with dropout (LoRA 0.1 + the FM's own), as the official code; slower")
-    p.add_argument("--align-interval", type=int, default=f.align_interval, help="t: align every t rounds")
-    p.add_argument("--align-proportion", type=float, default=f.align_proportion,
+    p.add_argument("--align-interval", type=int, default=f["align_interval"], help="t: align every t rounds")
+    p.add_argument("--align-proportion", type=float, default=f["align_proportion"],
                    help="p: fraction of each compressed FFN's neurons updated at an alignment, (0, 1]")
-    p.add_argument("--align-steps", type=int, default=f.align_steps)
-    p.add_argument("--align-rule", choices=("mean-abs", "apoz"), default=f.align_rule)
-    p.add_argument("--measure-update", action="store_true", default=f.measure_update,
+    p.add_argument("--align-steps", type=int, default=f["align_steps"])
+    p.add_argument("--align-rule", choices=ALIGN_RULES, default=f["align_rule"])
+    p.add_argument("--measure-update", action="store_true", default=f["measure_update"],
                    help="also replay each round's first client on the FM and record the update disparity "
                         "(cosine / relative L2 of the proxy's vs the FM's adapter change; one FM job per round)")
     p.add_argument("--workers", type=int, default=None,
-                   help="clients trained at the same time, one thread each (default: one per CPU core); "
-                        "results do not depend on it")
+                   help="clients trained at the same time, one thread each (default: one per CPU core; on a GPU "
+                        "one); results do not depend on it")
 
 
 # --------------------------------------------------------------------------- inspect
@@ -252,15 +269,18 @@ def _write_json(path: Path, obj: dict) -> None:
     _atomic_json(obj, path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .federation import METHODS
+def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
+    """The CLI. ``preset``'s values are the defaults of the size flags (main() finds ``--preset`` first).
 
+    Builds in milliseconds: only fedpft_lab.config/presets are imported here, every command imports its own work.
+    """
+    preset = preset if preset in PRESETS else DEFAULT_PRESET   # an unknown name: argparse's choices report it
     parser = argparse.ArgumentParser(prog="fedpft-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("inspect", help="build (and optionally distil) a sub-FM; report params and discrepancy")
-    _add_data_args(p)
-    _add_subfm_args(p)
+    _add_data_args(p, preset)
+    _add_subfm_args(p, preset)
     p.set_defaults(distill_steps=0)
     p.add_argument("--out", default="runs/inspect")
     p.add_argument("--quiet", action="store_true")
@@ -268,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one federated method (default: FedPFT on the offline default)")
     p.add_argument("--method", choices=METHODS, default="fedpft")
-    _add_fed_args(p)
+    _add_fed_args(p, preset)
     p.add_argument("--out", default="runs/run")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -280,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="several methods x seeds on identical splits, as in the paper's tables")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    _add_fed_args(p)
+    _add_fed_args(p, preset)
     p.add_argument("--out", default="runs/compare")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="reuse finished runs in --out and continue partial ones")
@@ -289,14 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compare)
 
-    from .sweep import PARAM_TYPES
-
     p = sub.add_parser("sweep", help="the paper's parameter study: compare at each value of one parameter")
-    p.add_argument("--param", required=True, help=f"the parameter to vary: {', '.join(PARAM_TYPES)}")
+    p.add_argument("--param", required=True, help=f"the parameter to vary: {', '.join(SWEEP_PARAM_TYPES)}")
     p.add_argument("--values", nargs="+", required=True, help="its values, in the order to plot them")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["fedpft", "fedpft-n"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    _add_fed_args(p)
+    _add_fed_args(p, preset)
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --out and continue partial ones")
     p.add_argument("--quiet", action="store_true")
@@ -306,8 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--skip-notebooks", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
+    p.add_argument("--only", choices=("clients-scaling",), default=None,
+                   help="clients-scaling: peak memory and time per round of 2-round runs with 20, 200 and 2000 "
+                        "clients (same clients per round), each in its own process")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _preset_in(argv: list[str]) -> str:
+    """The ``--preset`` named in ``argv`` (or the default), read before the real parser is built."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default=DEFAULT_PRESET)
+    return pre.parse_known_args(argv)[0].preset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["run"]  # the main job: FedPFT on the offline default at workshop size
-    args = build_parser().parse_args(argv)
+    args = build_parser(_preset_in(argv)).parse_args(argv)
     args.command_line = shlex.join(["fedpft-lab", *argv])  # stored with compare/sweep results
     if getattr(args, "allow_unsafe_weights", False):
         from .models import PICKLE_OPT_IN

@@ -33,124 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import adapters, align, data, discrepancy, io, models, parallel, subfm
+from .config import LR_SCHEDULES, METHOD_NAMES, METHODS, DataConfig, FedConfig  # noqa: F401  (re-exported)
 from .discrepancy import gradient_discrepancy
 from .distill import DistillConfig
 from .errors import ConfigError, check_choice, check_range
 from .version import code_version
-from .workspace import DataConfig, Workspace, atomic_save, ffn_state, load_ffn_state, prepare, sub_fm
-
-METHODS = ("fedpft", "fedpetuning", "fedot", "fedot-all", "fedpft-n", "fedpft-b", "fedpft-d")
-METHOD_NAMES = {"fedpft": "FedPFT", "fedpetuning": "FedPETuning", "fedot": "FedOT", "fedot-all": "FedOT-all",
-                "fedpft-n": "FedPFT-N", "fedpft-b": "FedPFT-B", "fedpft-d": "FedPFT-D"}
-LR_SCHEDULES = ("linear", "exp", "constant")
-
-
-@dataclass(frozen=True)
-class FedConfig:
-    """One federated run. Defaults are the "workshop" size: under 90 s on a 2-core laptop CPU (cached sub-FM).
-
-    6 of the 20 clients per round: an even number, so on 2 cores no core idles while a last client trains alone.
-    """
-
-    method: str = "fedpft"
-    data: DataConfig = field(default_factory=DataConfig)
-    sample_fraction: float = 0.3
-    rounds: int = 6
-    local_epochs: int = 1
-    batch_size: int = 4                  # the paper's per-device batch; twice the steps of 8 for ~10% more time
-    lr: float = 2e-3
-    lr_schedule: str = "linear"
-    max_grad_norm: float = 1.0
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1            # used only when ``dropout`` is on
-    dropout: bool = False                # train clients with dropout (LoRA's + the FM's own), as the official code
-    keep_ratio: float = 0.25
-    retained_layers: tuple[int, ...] | None = None
-    selection: str = "saliency"
-    distill_steps: int = 300
-    distill_batch_size: int = 32
-    distill_lr: float = 6e-4
-    align_interval: int = 2
-    align_proportion: float = 0.5
-    align_steps: int = 20
-    align_batch_size: int = 16
-    align_lr: float = 6e-4
-    align_rule: str = "mean-abs"
-    # Also measure the update disparity each round (spec §7.5): the first sampled client's round trained once
-    # more through the FM, from the same adapter and data order, against its proxy update. A measurement only
-    # (the run's trajectory is unchanged); it costs one FM client job per round, so the workshop run skips it.
-    measure_update: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
-        check_range("sample_fraction", self.sample_fraction, 0.0, 1.0, lo_open=True)
-        check_range("rounds", self.rounds, 1, None)
-        check_range("local_epochs", self.local_epochs, 1, None)
-        check_range("batch_size", self.batch_size, 1, None)
-        check_range("lr", self.lr, 0.0, None, lo_open=True)
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        check_range("align_interval", self.align_interval, 1, None)
-        check_range("align_steps", self.align_steps, 0, None)
-        check_choice("align_rule", self.align_rule, align.RULES)
-        check_range("align_proportion", self.align_proportion, 0.0, 1.0, lo_open=True)
-        self.sub_config()  # validates keep_ratio / selection / retained layers
-        self.lora_config()
-        self.distill_config()
-
-    # -- what each method does -----------------------------------------------------------------------
-    @property
-    def proxy_kind(self) -> str:
-        return {"fedpetuning": "fm", "fedot": "layer-drop", "fedot-all": "layer-drop"}.get(self.method, "sub-fm")
-
-    @property
-    def distil_before(self) -> bool:
-        return self.method in ("fedpft", "fedpft-b")
-
-    @property
-    def align_during(self) -> bool:
-        return self.method in ("fedpft", "fedpft-d")
-
-    def aligns_in(self, rnd: int) -> bool:
-        """Alignment every ``align_interval`` rounds, never after the last round (it would be wasted)."""
-        return self.align_during and self.align_steps > 0 and rnd % self.align_interval == 0 and rnd < self.rounds
-
-    def sub_config(self) -> subfm.SubFMConfig:
-        return subfm.SubFMConfig(self.keep_ratio, self.retained_layers, self.selection, self.seed)
-
-    def lora_config(self) -> adapters.LoRAConfig:
-        return adapters.LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout)
-
-    def distill_config(self) -> DistillConfig:
-        return DistillConfig(steps=self.distill_steps, batch_size=self.distill_batch_size, lr=self.distill_lr,
-                             seed=self.seed)
-
-    def align_config(self, rnd: int) -> DistillConfig:
-        return DistillConfig(steps=self.align_steps, batch_size=self.align_batch_size, lr=self.align_lr,
-                             weight_decay=0.0, seed=self.seed * 1000 + rnd)
-
-    def clients_per_round(self) -> int:
-        return max(1, round(self.sample_fraction * self.data.clients))
-
-    def lr_at(self, rnd: int) -> float:
-        """Global learning-rate schedule; ``linear`` is the official type 2 without its off-by-one."""
-        if self.lr_schedule == "linear":
-            return self.lr * (self.rounds - rnd + 1) / self.rounds
-        if self.lr_schedule == "exp":
-            return self.lr * 0.95 ** (rnd - 1)
-        return self.lr
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "FedConfig":
-        d = dict(d)
-        d["data"] = DataConfig(**d["data"])
-        if d.get("retained_layers") is not None:
-            d["retained_layers"] = tuple(d["retained_layers"])
-        return cls(**d)
+from .workspace import Workspace, atomic_save, ffn_state, load_ffn_state, prepare, sub_fm
 
 
 def with_method(cfg: FedConfig, method: str) -> FedConfig:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import adapters, models, subfm
+from . import adapters, models, presets, subfm
 from .discrepancy import gradient_discrepancy
 from .errors import ConfigError, check_range
 from .federation import METHOD_NAMES, FedConfig
@@ -26,20 +26,9 @@ from .workspace import DataConfig
 
 # ----------------------------------------------------------------------------- lab scale
 
-# Sizes every lab run uses (on top of FedConfig()'s defaults): small enough that one federated run of the real
-# MiniLM takes about a minute on a 2-core laptop, big enough that curves have a shape. Labs 04, 05 and 06 build
-# their configurations from these, so with default knobs they ask for identical runs and share the cache.
-# Clients keep the workshop's 100 tweets each; there are fewer of them, fewer test tweets and a smaller
-# distillation budget.
-LAB_DATA: Mapping[str, Any] = {"max_train": 800, "max_test": 128, "clients": 8, "eval_batch_size": 32}
-LAB_FED: Mapping[str, Any] = {"rounds": 5, "sample_fraction": 0.25, "distill_steps": 60, "distill_batch_size": 16,
-                               "align_steps": 10}  # 2 of the 8 clients per round: one per core of a 2-core laptop
-
-# SMOKE (CI) sizes: seconds per run; one alignment event still happens (round 1 of 2).
-SMOKE_DATA: Mapping[str, Any] = {"max_train": 120, "max_test": 40, "clients": 4, "public_blocks": 32,
-                                 "probe_batches": 1, "probe_batch_size": 8, "eval_batch_size": 40}
-SMOKE_FED: Mapping[str, Any] = {"rounds": 2, "distill_steps": 4, "distill_batch_size": 4, "align_steps": 2,
-                                "align_batch_size": 4, "align_interval": 1}
+# The lab and SMOKE sizes are presets (fedpft_lab.presets, also ``fedpft-lab run --preset lab|smoke``);
+# these names stay here for the labs and tests that read them.
+LAB_DATA, LAB_FED, SMOKE_DATA, SMOKE_FED = presets.LAB_DATA, presets.LAB_FED, presets.SMOKE_DATA, presets.SMOKE_FED
 
 _DATA_KEYS = {f.name for f in fields(DataConfig)}
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import DEFAULT_FM
 from .errors import ConfigError, short
 
-DEFAULT_FM = "minilm"
 SUPPORTED_TYPES = ("bert", "roberta", "vit")
 HUB_EXAMPLES = ("bert-base-uncased", "roberta-base", "google/vit-base-patch16-224-in21k")
 TINY_FMS = ("tiny-bert", "tiny-roberta", "tiny-vit")

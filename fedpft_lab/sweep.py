@@ -10,11 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import compare as cmp
+from .config import SWEEP_PARAM_TYPES
 from .errors import ConfigError, check_choice, check_range
 from .federation import METHOD_NAMES, METHODS, FedConfig, _atomic_json, result_config
 
-PARAM_TYPES: dict[str, type] = {"align_interval": int, "align_proportion": float, "keep_ratio": float,
-                                "alpha": float}
+PARAM_TYPES = SWEEP_PARAM_TYPES   # in fedpft_lab.config, so the CLI can list them without importing torch
 # Two distinct values of each parameter, to ask whether a method's result can depend on it at all.
 _PROBE: dict[str, tuple[float, float]] = {"align_interval": (1, 2), "align_proportion": (0.3, 0.8),
                                           "keep_ratio": (0.25, 0.5), "alpha": (1.0, 5.0)}

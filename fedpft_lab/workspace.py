@@ -15,41 +15,12 @@ import torch
 from torch import nn
 
 from . import data, io, models, paths, subfm
+from .config import DataConfig  # noqa: F401  (re-exported: it used to live here)
 from .data import atomic_torch_save as atomic_save  # noqa: F401  (re-exported for federation)
 from .errors import ConfigError, check_choice
 from .version import RESULTS_VERSION
 from .distill import DistillConfig, distill, layer_gaps
 from .partition import partition
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What data a run sees. Kept apart from the training knobs so several methods share one Workspace."""
-
-    fm: str = models.DEFAULT_FM
-    task: str = "tweets"
-    clients: int = 20
-    partition: str = "dirichlet"
-    alpha: float = 5.0               # FLGo convention: each client ~ Dir(5 * global label mix), the paper's Dir-5.0
-    convention: str = "flgo"
-    max_train: int | None = 2000     # 100 examples per client: a workshop-size federation
-    max_test: int | None = 300       # evaluation costs as much as training (two models); 300 keeps it < 1/3 of a round
-    # Equal examples of every label in train and test? None = the task's default: yes for the tweets (SST-2-like,
-    # chance 50% instead of their 70% majority), no elsewhere (balancing wiki-topics would drop 2,000 to 1,144).
-    balanced: bool | None = None
-    # The server's unlabeled data. "sentences": Wikipedia, one [CLS] sentence [SEP] per row (the default, as in the
-    # paper: general text); "blocks": BERT-style packed Wikipedia; "task": held-out unlabeled tweets (in-domain).
-    public: str = "sentences"
-    public_blocks: int = 4096
-    block_size: int = 32
-    probe_batches: int = 2
-    probe_batch_size: int = 16
-    eval_batch_size: int = 32        # bench: same predictions as 128, ~20% faster on a 2-core CPU (less padding)
-    seed: int = 0
-
-    @property
-    def use_balanced(self) -> bool:
-        return self.balanced if self.balanced is not None else self.task == "tweets"
 
 
 @dataclass
