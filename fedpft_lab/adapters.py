@@ -58,8 +58,8 @@ def add_lora(model: nn.Module, cfg: LoRAConfig, layer_ids: Iterable[int] | None 
 
 
 def adapter_state(model: nn.Module) -> AdapterState:
-    """A detached copy of every trainable tensor (LoRA A/B and the head)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """A detached copy of every trainable tensor (LoRA A/B and the head), on the CPU: what goes on the wire."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:

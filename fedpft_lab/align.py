@@ -22,6 +22,7 @@ from torch import nn
 
 from . import models
 from .config import ALIGN_RULES
+from .device import model_device
 from .distill import DistillConfig, DistillResult, distill, ffn_parameters
 from .errors import check_choice, check_range
 
@@ -56,8 +57,8 @@ class ActivationRecorder:
             s = self.stats.setdefault(layer, {"abs_sum": torch.zeros(a.shape[-1], dtype=torch.float64),
                                               "zeros": torch.zeros(a.shape[-1], dtype=torch.float64),
                                               "tokens": torch.zeros((), dtype=torch.float64)})
-            s["abs_sum"] += a.abs().sum(0).double()
-            s["zeros"] += (a == 0).sum(0).double()
+            s["abs_sum"] += a.abs().sum(0).cpu().double()   # statistics go on the wire: CPU, float64
+            s["zeros"] += (a == 0).sum(0).cpu().double()
             s["tokens"] += a.shape[0]
         return record
 
@@ -117,8 +118,8 @@ def neuron_masks(model: nn.Module, updated: Mapping[int, torch.Tensor]) -> dict[
     masks: dict[nn.Parameter, torch.Tensor] = {}
     for layer, idx in updated.items():
         w1, w2, _ = models.ffn(model, layer)
-        row = torch.zeros(w1.out_features, dtype=w1.weight.dtype)
-        row[idx] = 1.0
+        row = torch.zeros(w1.out_features, dtype=w1.weight.dtype, device=w1.weight.device)
+        row[idx.to(row.device)] = 1.0
         masks[w1.weight] = row[:, None].expand_as(w1.weight).clone()
         if w1.bias is not None:
             masks[w1.bias] = row.clone()
@@ -142,21 +143,21 @@ def align_neurons(teacher: nn.Module, student: nn.Module, public: torch.Tensor,
 
 
 def weight_package(model: nn.Module, updated: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the server broadcasts after an alignment: the changed slices of each compressed FFN."""
+    """What the server broadcasts after an alignment: the changed slices of each compressed FFN (on the CPU)."""
     pkg: dict[str, torch.Tensor] = {}
     for layer, idx in sorted(updated.items()):
         w1, w2, norm = models.ffn(model, layer)
         p = f"layer{layer}."
-        pkg[p + "idx"] = idx.to(torch.int32)
-        pkg[p + "w1_rows"] = w1.weight.detach()[idx].clone()
+        pkg[p + "idx"] = idx.to("cpu", torch.int32)
+        pkg[p + "w1_rows"] = w1.weight.detach()[idx].to("cpu", copy=True)
         if w1.bias is not None:
-            pkg[p + "b1"] = w1.bias.detach()[idx].clone()
-        pkg[p + "w2_cols"] = w2.weight.detach()[:, idx].clone()
+            pkg[p + "b1"] = w1.bias.detach()[idx].to("cpu", copy=True)
+        pkg[p + "w2_cols"] = w2.weight.detach()[:, idx].to("cpu", copy=True)
         if w2.bias is not None:
-            pkg[p + "b2"] = w2.bias.detach().clone()
+            pkg[p + "b2"] = w2.bias.detach().to("cpu", copy=True)
         if norm is not None:
-            pkg[p + "norm_w"] = norm.weight.detach().clone()
-            pkg[p + "norm_b"] = norm.bias.detach().clone()
+            pkg[p + "norm_w"] = norm.weight.detach().to("cpu", copy=True)
+            pkg[p + "norm_b"] = norm.bias.detach().to("cpu", copy=True)
     return pkg
 
 
@@ -164,14 +165,15 @@ def weight_package(model: nn.Module, updated: Mapping[int, torch.Tensor]) -> dic
 def apply_weight_package(model: nn.Module, pkg: Mapping[str, torch.Tensor]) -> None:
     """Client side of the broadcast: write the received slices into the local sub-FM."""
     layers = sorted({int(k.split(".")[0][5:]) for k in pkg})
+    device = model_device(model)
     for layer in layers:
         p = f"layer{layer}."
-        idx = pkg[p + "idx"].long()
+        idx = pkg[p + "idx"].long().to(device)
         w1, w2, norm = models.ffn(model, layer)
-        w1.weight[idx] = pkg[p + "w1_rows"]
+        w1.weight[idx] = pkg[p + "w1_rows"].to(device)
         if p + "b1" in pkg:
-            w1.bias[idx] = pkg[p + "b1"]
-        w2.weight[:, idx] = pkg[p + "w2_cols"]
+            w1.bias[idx] = pkg[p + "b1"].to(device)
+        w2.weight[:, idx] = pkg[p + "w2_cols"].to(device)
         if p + "b2" in pkg:
             w2.bias.copy_(pkg[p + "b2"])
         if norm is not None and p + "norm_w" in pkg:

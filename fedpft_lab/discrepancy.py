@@ -51,7 +51,7 @@ def adapter_gradients(model: nn.Module, batch: Mapping[str, torch.Tensor],
     out = _forward(model, batch, output_hidden_states=keep_outputs)
     loss = F.cross_entropy(out.logits, batch["labels"])
     grads = torch.autograd.grad(loss, params)
-    return {n: g.detach() for n, g in zip(names, grads)}, out
+    return {n: g.detach().cpu() for n, g in zip(names, grads)}, out   # compared in float64, on the CPU
 
 
 def _cos_rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -89,8 +89,8 @@ def batch_terms(fm: nn.Module, proxy: nn.Module, batch: Mapping[str, torch.Tenso
         g_px = {adapters.remap_layers(k, proxy_to_fm): v for k, v in g_px.items()}
     hidden: dict[int, float] = {}
     with torch.no_grad():
-        logp_fm = F.log_softmax(o_fm.logits.double(), -1)
-        logp_px = F.log_softmax(o_px.logits.double(), -1)
+        logp_fm = F.log_softmax(o_fm.logits.cpu().double(), -1)
+        logp_px = F.log_softmax(o_px.logits.cpu().double(), -1)
         kl_sum = float((logp_fm.exp() * (logp_fm - logp_px)).sum())
         mask = batch.get("attention_mask")
         for j in range(1, len(o_px.hidden_states)):

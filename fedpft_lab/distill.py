@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import models
+from .device import model_device
 from .errors import check_range
 
 
@@ -86,8 +87,9 @@ def weight_product_loss(fm: nn.Module, sub: nn.Module, layer: int, differentiabl
 
 
 def embed(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The embedding output for token blocks (LongTensor) or images (float pixel tensor)."""
+    """The embedding output for token blocks (LongTensor) or images (float pixel tensor), on ``model``'s device."""
     emb = models.backbone(model).embeddings
+    inputs = inputs.to(model_device(emb))
     if inputs.dtype == torch.long:
         return emb(input_ids=inputs, token_type_ids=torch.zeros_like(inputs))
     return emb(inputs)

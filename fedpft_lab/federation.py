@@ -8,7 +8,8 @@ One round, as the server sees it::
     server: FedAvg weighted by example counts -> plug the adapter into the FM and evaluate
             every t rounds (FedPFT, FedPFT-D): neuron-level alignment of its proxy copy -> W_fro package
 
-Clients are simulated on a few "device" models, as many at a time as there are cores, each on one thread.
+Clients are simulated on a few "device" models, as many at a time as there are cores, each on one thread
+(on a GPU: one device model, clients one after another; see fedpft_lab.device).
 Each starts from the server's message alone (global adapter, fresh optimiser, seeded by (seed, round,
 client)), so no client sees another's state; tests check that a client's update depends neither on who
 trained before it nor on how many clients trained at once.
@@ -34,6 +35,7 @@ from torch import nn
 
 from . import adapters, align, data, discrepancy, io, models, parallel, subfm
 from .config import LR_SCHEDULES, METHOD_NAMES, METHODS, DataConfig, FedConfig  # noqa: F401  (re-exported)
+from .device import model_device, resolve_device, side_by_side, to_device
 from .discrepancy import gradient_discrepancy
 from .distill import DistillConfig
 from .errors import ConfigError, check_choice, check_range
@@ -76,6 +78,12 @@ def result_config(cfg: FedConfig) -> dict:
         drop += ["lora_dropout"]
     for k in drop:
         out.pop(k)
+    # Every CPU computes the same numbers whichever name chose it; a GPU's are its own (cached apart).
+    device = resolve_device(cfg.data.device).type
+    if device == "cpu":
+        data.pop("device")
+    else:
+        data["device"] = device
     return out
 
 
@@ -197,8 +205,10 @@ def local_train(model: nn.Module, split: "data.EncodedSplit", epochs: int, batch
     model.train(dropout)
     if dropout:
         torch.manual_seed(seed)  # dropout masks
+    device = model_device(model)
     for epoch in range(epochs):
         for batch in data.iterate_batches(split, batch_size, shuffle=True, seed=seed + epoch, pad_id=pad_id):
+            batch = to_device(batch, device)
             if recorder is not None:
                 recorder.set_mask(batch.get("attention_mask"))
             inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -256,7 +266,8 @@ def train_clients(cfg: FedConfig, setup: Setup, ws: Workspace, clients: list[int
     torch's one global random generator.
     """
     extra = extra or []
-    workers = 1 if cfg.dropout else max(1, min(workers or parallel.default_workers(), len(clients) + len(extra)))
+    workers = (1 if cfg.dropout or not side_by_side(ws.device)   # on a GPU: one after another, one device proxy
+               else max(1, min(workers or parallel.default_workers(), len(clients) + len(extra))))
     free: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
     for device in setup.ensure_devices(min(workers, len(clients))):
         free.put(device)
@@ -336,7 +347,7 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     single-threaded and the parts are combined in a fixed order, so the numbers do not depend on ``workers``.
     """
     setup.load_global(global_state, fm=fm)  # before the jobs start: they share these models read-only
-    workers = max(1, workers or parallel.default_workers())
+    workers = max(1, workers or parallel.default_workers()) if side_by_side(ws.device) else 1
     to_score: dict[str, nn.Module] = {"accuracy": setup.fm} if fm else {}
     if not setup.proxy_is_fm:
         to_score["sub_accuracy"] = setup.server_proxy

@@ -134,7 +134,7 @@ def layer_saliencies(fm: nn.Module) -> dict[int, np.ndarray]:
     out = {}
     for i in range(models.num_layers(fm)):
         w1, w2, _ = models.ffn(fm, i)
-        out[i] = subfm.neuron_saliency(w1.weight.detach(), w2.weight.detach()).numpy().astype(np.float64)
+        out[i] = subfm.neuron_saliency(w1.weight.detach(), w2.weight.detach()).cpu().numpy().astype(np.float64)
     return out
 
 

@@ -93,6 +93,7 @@ class LabContext:
     seed: int
     smoke: bool
     headless: bool
+    device: str = "cpu"                                           # where the lab's models run (see nb.setup)
     started: float = field(default_factory=time.time)            # wall-clock start (epoch seconds)
     timings: dict[str, float] = field(default_factory=dict)       # filled by ``with ctx.timer(name):``
     _t0: float = field(default_factory=time.perf_counter, repr=False)
@@ -138,8 +139,12 @@ def quiet_progress_bars() -> None:
 
 
 def setup(seed: int = 0, smoke: bool = False, headless: bool = False, threads: int | None = None,
-          renderer: str = DEFAULT_RENDERER) -> LabContext:
-    """First code cell of every lab: offline flags, quiet bars when headless, seeds, threads, plotly renderer."""
+          renderer: str = DEFAULT_RENDERER, device: str = "auto") -> LabContext:
+    """First code cell of every lab: offline flags, quiet bars when headless, seeds, threads, plotly renderer.
+
+    ``device`` is checked here (a missing GPU fails in the first cell) and kept as ``ctx.device``, the device
+    that the lab's runs resolve ``DataConfig.device="auto"`` to; ``lab_config(..., device=ctx.device)`` pins it.
+    """
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     check_range("seed", seed, 0)
@@ -149,12 +154,15 @@ def setup(seed: int = 0, smoke: bool = False, headless: bool = False, threads: i
     import plotly.io as pio
     import torch
 
+    from .device import resolve_device
+
+    resolved = resolve_device(device).type
     seed_everything(seed)
     threads = threads if threads is not None else default_threads()
     check_range("threads", threads, 1)
     torch.set_num_threads(threads)
     pio.renderers.default = renderer
-    return LabContext(seed=seed, smoke=bool(smoke), headless=bool(headless))
+    return LabContext(seed=seed, smoke=bool(smoke), headless=bool(headless), device=resolved)
 
 
 def check(passed: bool, message: str, hint: str = "") -> None:

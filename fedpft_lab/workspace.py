@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import data, io, models, paths, subfm
+from .device import model_device, resolve_device, to_device
 from .config import DataConfig  # noqa: F401  (re-exported: it used to live here)
 from .data import atomic_torch_save as atomic_save  # noqa: F401  (re-exported for federation)
 from .errors import ConfigError, check_choice
@@ -38,6 +39,11 @@ class Workspace:
     probe_batches: list[dict] = field(default_factory=list)
 
     @property
+    def device(self):
+        """Where the FM, the test and probe batches live (``cfg.device`` resolved); see fedpft_lab.device."""
+        return model_device(self.fm)
+
+    @property
     def pad_id(self) -> int:
         return int(getattr(self.preprocessor, "pad_token_id", 0) or 0)
 
@@ -50,21 +56,26 @@ def _length_sorted_batches(split: "data.EncodedSplit", batch_size: int, pad_id: 
 
 
 def prepare(cfg: DataConfig, fm: nn.Module | None = None) -> Workspace:
-    """Load FM, task, split and public corpus for ``cfg`` (pass ``fm`` to reuse an already loaded one)."""
+    """Load FM, task, split and public corpus for ``cfg`` (pass ``fm`` to reuse an already loaded one).
+
+    The FM and the evaluation batches go to ``cfg.device``; the public corpus and the training split stay on the
+    CPU (they are batched as they are used).
+    """
     paths.set_offline_env()
+    device = resolve_device(cfg.device)   # a missing GPU fails here, before any loading
     task = data.load_task(cfg.task, seed=cfg.seed, max_train=cfg.max_train, max_test=cfg.max_test,
                           balanced=cfg.use_balanced)
-    fm = fm if fm is not None else models.load_fm(cfg.fm, num_labels=task.num_labels, seed=cfg.seed)
+    fm = (fm if fm is not None else models.load_fm(cfg.fm, num_labels=task.num_labels, seed=cfg.seed)).to(device)
     pre = models.load_preprocessor(cfg.fm)
     train, test = data.encode_task(task, pre)
     parts = partition(train.labels, cfg.clients, scheme=cfg.partition, alpha=cfg.alpha, seed=cfg.seed,
                       convention=cfg.convention)
     public, heldout = split_heldout(public_inputs(cfg, pre, task))
     ws = Workspace(cfg, fm, pre, task, train, test, parts, public, heldout)
-    ws.test_batches = _length_sorted_batches(test, cfg.eval_batch_size, ws.pad_id)
+    ws.test_batches = [to_device(b, device) for b in _length_sorted_batches(test, cfg.eval_batch_size, ws.pad_id)]
     rng = np.random.default_rng(cfg.seed + 7)
     probe_idx = rng.permutation(len(test))[: cfg.probe_batches * cfg.probe_batch_size]
-    ws.probe_batches = [data.pad_batch(test, probe_idx[i:i + cfg.probe_batch_size], ws.pad_id)
+    ws.probe_batches = [to_device(data.pad_batch(test, probe_idx[i:i + cfg.probe_batch_size], ws.pad_id), device)
                         for i in range(0, len(probe_idx), cfg.probe_batch_size)]
     return ws
 
@@ -99,13 +110,14 @@ def public_inputs(cfg: DataConfig, preprocessor, task: "data.TaskData") -> torch
 # --------------------------------------------------------------------------- cached distilled sub-FM
 
 def ffn_state(model: nn.Module, layer_ids: list[int]) -> dict[str, torch.Tensor]:
-    """The FFN tensors (W1, b1, W2, b2, output LayerNorm) of ``layer_ids``: all that distillation changes."""
+    """The FFN tensors (W1, b1, W2, b2, output LayerNorm) of ``layer_ids``: all that distillation changes (on the
+    CPU, where caches and checkpoints keep them)."""
     out = {}
     for i in layer_ids:
         for part, mod in zip(("fc1", "fc2", "norm"), models.ffn(model, i)):
             if mod is not None:
                 for name, p in mod.named_parameters():
-                    out[f"{i}.{part}.{name}"] = p.detach().clone()
+                    out[f"{i}.{part}.{name}"] = p.detach().to("cpu", copy=True)
     return out
 
 
@@ -136,8 +148,11 @@ def subfm_key(ws: Workspace, sub_cfg: subfm.SubFMConfig, distill_cfg: DistillCon
     sub = asdict(sub_cfg)
     if sub_cfg.selection == "saliency":
         sub.pop("seed")                      # saliency selection is deterministic
-    return paths.config_key({"fm": ws.cfg.fm, "sub": sub, "distill": asdict(distill_cfg),
-                             "public": tensor_digest(ws.public), "code": RESULTS_VERSION})
+    key = {"fm": ws.cfg.fm, "sub": sub, "distill": asdict(distill_cfg), "public": tensor_digest(ws.public),
+           "code": RESULTS_VERSION}
+    if ws.device.type != "cpu":              # a GPU sums in another order: its sub-FM is cached apart
+        key["device"] = ws.device.type
+    return paths.config_key(key)
 
 
 @dataclass
