@@ -414,9 +414,11 @@ def weights_download(setup: Setup, state: RunState, client: int) -> int:
     return adapters.nbytes(align.weight_package(models.unwrap(setup.server_proxy), slices))
 
 
-def summary(cfg: FedConfig, setup: Setup, records: list[dict], ws: Workspace | None = None) -> dict:
+def summary(cfg: FedConfig, setup: Setup, records: list[dict], ws: Workspace | None = None,
+            startup: dict | None = None) -> dict:
     """The metrics file. ``final_accuracy`` (the last round's) is the headline; ``best_accuracy`` is the best
-    round *picked on the test set*, an optimistic number kept for comparison with papers that may report it."""
+    round *picked on the test set*, an optimistic number kept for comparison with papers that may report it.
+    ``startup``: how long this session took to reach round 0 (see :func:`iterate`)."""
     accs = [r["accuracy"] for r in records if r["round"] > 0]
     trainable = sum(v.numel() for v in setup.init_state.values())
     return {
@@ -434,6 +436,8 @@ def summary(cfg: FedConfig, setup: Setup, records: list[dict], ws: Workspace | N
                  "client_seconds": sum(r["client_seconds"] for r in records),
                  "seconds": sum(r["seconds"] for r in records)},
         "distill_loss": setup.distill_loss,
+        "device": str(ws.device) if ws is not None else None,
+        "startup": startup,
         "rounds": records,
     }
 
@@ -492,6 +496,7 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
     With ``out_dir``, ``metrics.json`` and ``checkpoint.pt`` are rewritten atomically after every round, so an
     interrupted run keeps everything it finished and ``resume=True`` continues it bit for bit.
     """
+    t_enter = time.perf_counter()
     if workers is not None:
         check_range("workers", workers, 1, None)
     ws = ws if ws is not None else prepare(cfg.data)
@@ -506,13 +511,14 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
     if blob is not None:
         state = _load_checkpoint(blob, setup)
     schedule = sample_clients(cfg)
+    startup = startup_times(t_enter)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.rounds, initial=max(0, state.next_round - 1), desc=METHOD_NAMES[cfg.method],
                disable=not progress)
     try:
         if state.next_round > cfg.rounds:  # resumed a finished run: report it (and restore its metrics.json)
-            metrics = summary(cfg, setup, state.records, ws)
+            metrics = summary(cfg, setup, state.records, ws, startup)
             if out is not None:
                 _atomic_json(metrics, out / "metrics.json")
             yield metrics
@@ -523,7 +529,7 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
             record = _round(cfg, setup, ws, state, rnd, schedule[rnd - 1] if rnd > 0 else [], workers)
             state.records.append(record)
             state.next_round += 1
-            metrics = summary(cfg, setup, state.records, ws)
+            metrics = summary(cfg, setup, state.records, ws, startup)
             if out is not None:
                 _save(out, cfg, setup, state, metrics)
             if rnd > 0:
@@ -532,6 +538,15 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
             yield metrics
     finally:
         bar.close()
+
+
+def startup_times(t_enter: float) -> dict:
+    """Seconds from entering :func:`iterate` (``t_enter``, a ``perf_counter`` stamp) to round 0: data, models
+    and proxy; and from the start of the process, which for ``fedpft-lab run`` adds the imports."""
+    import psutil
+
+    return {"setup_seconds": time.perf_counter() - t_enter,
+            "seconds_since_process_start": time.time() - psutil.Process().create_time()}
 
 
 def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: int, clients: list[int],

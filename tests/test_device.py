@@ -148,6 +148,14 @@ def test_cpu_run_computes_what_the_code_before_devices_did(method, tmp_path, mon
                 assert r[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (i, k)
 
 
+def test_a_run_records_its_device_and_startup(tmp_path, tiny_ws, tiny_data_config):
+    cfg = fl.FedConfig(data=tiny_data_config, rounds=1, distill_steps=0)
+    metrics = fl.run(cfg, tiny_ws, progress=False)
+    s = metrics["startup"]
+    assert metrics["device"] == "cpu"
+    assert 0 < s["setup_seconds"] <= s["seconds_since_process_start"]
+
+
 def test_lab_setup_checks_and_reports_the_device(monkeypatch):
     import plotly.io as pio
 
