@@ -15,7 +15,12 @@ LoRA side paths and Python overhead do not. So the bench measures, in one proces
 5. the wall time of federated rounds (evaluation-only round 0, training rounds 1-2), setup fresh and cached;
 6. peak memory; 7. the wall time of every lab notebook (SMOKE and default) with papermill.
 
+``--only clients-scaling`` measures one more thing on its own: peak memory and time per round of the same
+2-round run with 20, 200 and 2000 clients (the same number of them per round), each in a fresh process.
+Only the sampled clients of a round hold a model and an optimiser, so both should stay flat.
+
 Every figure depends on what else the machine is doing; the load average is recorded next to them.
+The bench measures the CPU (device="cpu"), the machine the lab is built for.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import functools
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +57,7 @@ KEEP_RATIOS = (1.0, 0.5, 0.25)
 class BenchConfig:
     """Sizes of every measurement. ``quick`` shrinks them so the bench itself is a smoke test."""
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(device="cpu"))
     fed: federation.FedConfig | None = None   # None: the workshop default on ``data``
     keep_ratios: tuple[float, ...] = KEEP_RATIOS
     shard_size: int = 160        # examples per timed local_train call (batch size: the FedConfig's)
@@ -73,13 +79,13 @@ def bench_config(fm: str = models.DEFAULT_FM, quick: bool = False) -> BenchConfi
     """The full bench on the workshop default, or a quick one (smaller shards, data and budgets)."""
     if fm in models.TINY_FMS:  # tests: a tiny model on a handful of tweets
         d = DataConfig(fm=fm, clients=4, max_train=160, max_test=64, public_blocks=64, block_size=32,
-                       probe_batches=2, probe_batch_size=8)
+                       probe_batches=2, probe_batch_size=8, device="cpu")
         fed = federation.FedConfig(data=d, rounds=2, distill_steps=2, align_steps=1, align_batch_size=4)
         return BenchConfig(data=d, fed=fed, shard_size=32, repeats=1, matmul_seconds=0.02, matmul_repeats=1,
                            distill_steps=2)
     if not quick:
-        return BenchConfig(data=DataConfig(fm=fm))
-    d = DataConfig(fm=fm, max_train=400, max_test=64, public_blocks=128)
+        return BenchConfig(data=DataConfig(fm=fm, device="cpu"))
+    d = DataConfig(fm=fm, max_train=400, max_test=64, public_blocks=128, device="cpu")
     fed = federation.FedConfig(data=d, distill_steps=5, align_steps=2)
     return BenchConfig(data=d, fed=fed, shard_size=32, repeats=1, matmul_seconds=0.2, matmul_repeats=2,
                        distill_steps=5)
@@ -452,6 +458,75 @@ def memory_info() -> dict:
     return {"peak_rss_mb": peak_kb / 1024, "rss_now_mb": psutil.Process().memory_info().rss / 2**20}
 
 
+# --------------------------------------------------------------------------- memory and time vs number of clients
+
+SCALING_CLIENTS = (20, 200, 2000)
+
+
+def scaling_config(clients: int, fm: str = models.DEFAULT_FM, per_client: int = 5, per_round: int = 6
+                   ) -> federation.FedConfig:
+    """A 2-round FedPFT run (one alignment) with ``clients`` clients of ``per_client`` tweets each, ``per_round``
+    of them per round: between points only the size of the federation changes, never the work of a round.
+    (5 tweets each: 2000 clients need 10,000 of the 10,928 training tweets.)"""
+    d = DataConfig(fm=fm, clients=clients, max_train=per_client * clients, max_test=64, public_blocks=64,
+                   device="cpu")
+    return federation.FedConfig(data=d, sample_fraction=min(1.0, per_round / clients), rounds=2, distill_steps=4,
+                                distill_batch_size=8, align_interval=1, align_steps=2, align_batch_size=8)
+
+
+def scaling_point(clients: int, fm: str = models.DEFAULT_FM) -> dict:
+    """Run :func:`scaling_config` in this process; its peak RSS only means something in a fresh process.
+
+    Each round's process CPU time is recorded next to its wall time: other jobs on the machine stretch the wall
+    time of a round by whole seconds, but hardly the CPU time this process spends on it."""
+    cfg = scaling_config(clients, fm)
+    cpu: list[float] = []
+    with fresh_cache():  # every point distils and encodes its data alike (no point reuses another's cache)
+        metrics: dict = {}
+        for metrics in federation.iterate(cfg, progress=False):
+            cpu.append(time.process_time())
+    train = [r for r in metrics["rounds"] if r["round"] > 0]
+    round_cpu = np.diff(cpu).tolist()
+    return {"clients": clients, "clients_per_round": cfg.clients_per_round(), "pid": os.getpid(),
+            "train_examples": metrics["examples"]["train"], "setup_seconds": metrics["startup"]["setup_seconds"],
+            "round_seconds": [r["seconds"] for r in train], "train_seconds": [r["train_seconds"] for r in train],
+            "round_cpu_seconds": round_cpu, "round_seconds_mean": float(np.mean([r["seconds"] for r in train])),
+            "round_cpu_seconds_mean": float(np.mean(round_cpu)), **memory_info()}
+
+
+def clients_scaling(fm: str = models.DEFAULT_FM, counts: tuple[int, ...] = SCALING_CLIENTS, log=print) -> dict:
+    """:func:`scaling_point` for every count in ``counts``, each in a fresh Python process, and how far apart the
+    peak memories and round times are (max / min)."""
+    points = []
+    for n in counts:
+        log(f"clients scaling: {n} clients ...")
+        cmd = [sys.executable, "-m", "fedpft_lab.bench", "--scaling-point", str(n), "--fm", fm]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=LABS_DIR.parent)
+        if done.returncode != 0:
+            raise RuntimeError(f"clients scaling with {n} clients failed: {done.stderr.strip()[-2000:]}")
+        points.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    def spread(key: str) -> float:
+        values = [p[key] for p in points]
+        return max(values) / min(values)
+
+    return {"fm": fm, "points": points, "peak_rss_ratio": spread("peak_rss_mb"),
+            "round_seconds_ratio": spread("round_seconds_mean"), "round_cpu_ratio": spread("round_cpu_seconds_mean"),
+            "loadavg": list(os.getloadavg()), "git_commit": git_commit()}
+
+
+def format_scaling(r: dict) -> str:
+    lines = [f"clients scaling ({r['fm']}, 2 rounds, each point in a fresh process; load average "
+             f"{r['loadavg'][0]:.1f} at the end):",
+             "  clients   per round   train tweets   setup s   round wall s   round CPU s   peak RSS MB"]
+    for p in r["points"]:
+        lines.append(f"  {p['clients']:>7}   {p['clients_per_round']:>9}   {p['train_examples']:>12}   "
+                     f"{p['setup_seconds']:7.1f}   {p['round_seconds_mean']:12.1f}   {p['round_cpu_seconds_mean']:11.1f}"
+                     f"   {p['peak_rss_mb']:11.0f}")
+    lines.append(f"  max/min: peak RSS {r['peak_rss_ratio']:.3f}x, time per round {r['round_seconds_ratio']:.3f}x wall, "
+                 f"{r['round_cpu_ratio']:.3f}x CPU")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- 7. notebooks
 
 def lab_notebooks(labs: Path = LABS_DIR) -> list[Path]:
@@ -611,12 +686,23 @@ def write_json(obj: dict, path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Entry point of ``fedpft-lab bench`` (args: out, skip_notebooks, quick; optionally fm, threads)."""
+    """Entry point of ``fedpft-lab bench`` (args: out, skip_notebooks, quick; optionally fm, threads, only)."""
     models.quiet_transformers()
     threads = getattr(args, "threads", None)
     if threads:  # also for the notebook kernels, which inherit the environment
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    if getattr(args, "scaling_point", None):   # one point of clients-scaling, in its own process
+        point = scaling_point(args.scaling_point, getattr(args, "fm", models.DEFAULT_FM))
+        print(json.dumps(point))
+        return point
+    if getattr(args, "only", None) == "clients-scaling":
+        result = clients_scaling(getattr(args, "fm", models.DEFAULT_FM))
+        path = Path(args.out) / "clients_scaling.json"
+        write_json(result, path)
+        print(format_scaling(result))
+        print(f"results: {path}")
+        return result
     cfg = bench_config(getattr(args, "fm", models.DEFAULT_FM), quick=args.quick)
     result = run_bench(cfg, notebooks=not args.skip_notebooks)
     path = Path(args.out) / "bench.json"
@@ -634,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fm", default=models.DEFAULT_FM, help="minilm (default) or tiny-bert for a seconds-long check")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is faster when other jobs share the CPU")
+    p.add_argument("--only", choices=("clients-scaling",), default=None,
+                   help="clients-scaling: peak memory and time per round with 20, 200 and 2000 clients")
+    p.add_argument("--scaling-point", type=int, default=None, help=argparse.SUPPRESS)  # a child of clients-scaling
     return p
 
 

@@ -4,7 +4,9 @@ proxy counted as cheaper, the report and bench.json complete)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 
 import nbformat
 import numpy as np
@@ -140,3 +142,26 @@ def test_notebook_times_runs_papermill(tmp_path):
     results = bench.notebook_times([good, bad], smoke_settings=(True,))
     assert [(r["notebook"], r["ok"]) for r in results] == [("01_good.ipynb", True), ("02_bad.ipynb", False)]
     assert results[0]["lab_seconds"] == 0.5 and results[0]["seconds"] > 0 and "broken lab" in results[1]["error"]
+
+
+def test_scaling_points_differ_only_in_the_number_of_clients():
+    cfgs = [bench.scaling_config(n, "tiny-bert") for n in bench.SCALING_CLIENTS]
+    assert {c.clients_per_round() for c in cfgs} == {6}                      # the same work per round
+    assert {c.data.max_train // c.data.clients for c in cfgs} == {5}         # clients of the same size
+    assert max(c.data.max_train for c in cfgs) <= 10_928                     # the tweets' training split
+    same = {json.dumps(dataclasses.asdict(dataclasses.replace(
+        c, sample_fraction=1.0, data=dataclasses.replace(c.data, clients=1, max_train=1))), sort_keys=True)
+        for c in cfgs}
+    assert len(same) == 1
+    assert all(c.data.device == "cpu" for c in cfgs)
+
+
+def test_clients_scaling_runs_each_point_in_a_fresh_process():
+    r = bench.clients_scaling("tiny-bert", counts=(6, 12), log=lambda _: None)
+    points = r["points"]
+    assert [p["clients"] for p in points] == [6, 12] and [p["clients_per_round"] for p in points] == [6, 6]
+    assert [p["train_examples"] for p in points] == [30, 60]
+    assert len({p["pid"] for p in points} | {os.getpid()}) == 3
+    assert all(p["peak_rss_mb"] > 0 and len(p["round_seconds"]) == 2 for p in points)
+    assert r["peak_rss_ratio"] >= 1 and r["round_seconds_ratio"] >= 1
+    assert "clients scaling" in bench.format_scaling(r)
