@@ -26,6 +26,8 @@ KEY_LABELS: Mapping[str, str] = {
     "sub_accuracy": "sub-FM accuracy",
     "grad_cosine": "cosine(sub-FM gradient, FM gradient)",
     "grad_rel_l2": "||g_sub - g_FM|| / ||g_FM||",
+    "update_cosine": "cosine(proxy's update, FM's update)",
+    "update_rel_l2": "||Δ_proxy - Δ_FM|| / ||Δ_FM||",
     "bytes_up": "bytes sent by clients",
     "bytes_down": "bytes sent by the server",
     "seconds": "seconds",
