@@ -438,7 +438,9 @@ def band_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], titl
                                  fillcolor=f"rgba({r},{g},{b},0.15)", hoverinfo="skip", showlegend=False,
                                  name=f"{name} 95%"))
         fig.add_trace(go.Scatter(x=xs, y=list(s["mean"]), mode="lines+markers", name=name, line=dict(color=colour)))
-    return _layout(fig, title, "round", yaxis, xaxis=dict(dtick=1))
+    _layout(fig, title, "round", yaxis)
+    fig.update_xaxes(dtick=1)     # rounds are whole numbers
+    return fig
 
 
 # ----------------------------------------------------------------------------- CLI sweep: the parameter study
