@@ -436,7 +436,8 @@ def band_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], titl
                                  fillcolor=f"rgba({r},{g},{b},0.15)", hoverinfo="skip", showlegend=False,
                                  name=f"{name} 95%"))
         fig.add_trace(go.Scatter(x=xs, y=list(s["mean"]), mode="lines+markers", name=name, line=dict(color=colour)))
-    return _layout(fig, title, "round", yaxis, xaxis=dict(dtick=1))
+    fig.update_xaxes(dtick=1)
+    return _layout(fig, title, "round", yaxis)
 
 
 # ----------------------------------------------------------------------------- CLI sweep: the parameter study
