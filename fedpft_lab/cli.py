@@ -1,5 +1,5 @@
 """``fedpft-lab``: inspect a sub-FM, run one federated method, compare methods, sweep a parameter, benchmark,
-and write the student edition of the labs.
+write an HTML report of results, and the student edition of the labs.
 
 Every sub-command runs offline on the embedded default (MiniLM + tweets + Wikipedia summaries).
 """
@@ -237,6 +237,14 @@ def cmd_bench(a: argparse.Namespace) -> dict:
     return bench_main(a)
 
 
+def cmd_report(a: argparse.Namespace) -> str:
+    from .report import write_report
+
+    path = write_report(Path(a.dir), Path(a.output) if a.output else None)
+    print(f"report: {path}")
+    return str(path)
+
+
 def cmd_student_edition(a: argparse.Namespace) -> list[str]:
     from .editions import write_student_edition
     from .paths import LABS_DIR
@@ -320,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-notebooks", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="one self-contained HTML page (works offline) from a run or compare folder")
+    p.add_argument("dir", help="a folder written by `fedpft-lab run` (metrics.json) or `fedpft-lab compare` "
+                               "(compare.json)")
+    p.add_argument("-o", "--output", default=None, help="the HTML file to write (default: DIR/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("student-edition", help="write the labs with their exercises unsolved (the committed labs "
                                                "are the instructor edition)")
