@@ -1,4 +1,4 @@
-"""Federated proxy fine-tuning, simulated in one process (spec §3-§5).
+"""Federated proxy fine-tuning, simulated in one process (labs/METHOD.md#federated-fine-tuning, #baselines).
 
 One round, as the server sees it::
 
@@ -77,9 +77,10 @@ class FedConfig:
     align_batch_size: int = 16
     align_lr: float = 6e-4
     align_rule: str = "mean-abs"
-    # Also measure the update disparity each round (spec §7.5): the first sampled client's round trained once
-    # more through the FM, from the same adapter and data order, against its proxy update. A measurement only
-    # (the run's trajectory is unchanged); it costs one FM client job per round, so the workshop run skips it.
+    # Also measure the update disparity each round (labs/METHOD.md#measurements): the first sampled client's round
+    # trained once more through the FM, from the same adapter and data order, against its proxy update. A
+    # measurement only (the run's trajectory is unchanged); it costs one FM client job per round, so the workshop
+    # run skips it.
     measure_update: bool = False
     seed: int = 0
 
@@ -346,7 +347,8 @@ def client_seed(cfg: FedConfig, rnd: int, client: int) -> int:
 
 def fm_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int,
               global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``client``'s round replayed on the FM itself: same start, data order, lr and steps (spec §7.5).
+    """``client``'s round replayed on the FM itself: same start, data order, lr and steps (the update disparity,
+    labs/METHOD.md#measurements).
 
     Its difference from the proxy's update is what plugging the proxy-trained adapter into the FM gets wrong.
     """
