@@ -288,15 +288,16 @@ def cumulative_mb(rounds: Sequence[Mapping]) -> dict[str, list[float]]:
 
 
 def comm_summary(metrics: Mapping) -> dict[str, float]:
-    """Communication of a run next to the alternative FedPFT avoids: shipping the FM's transformer body (fp32)
-    once to every client that took part."""
+    """Communication of a run next to the alternative FedPFT avoids: shipping the FM itself (all its frozen weights,
+    fp32, embeddings included) once to every client that took part. The run's own total already counts each
+    participant's one-time download of its proxy, so the two are like for like."""
     rounds = metrics["rounds"]
     total = metrics["cost"]["bytes_up"] + metrics["cost"]["bytes_down"]
     participants = {c for r in rounds for c in r.get("clients", [])}
-    fm_body = 4 * metrics["params"]["fm_transformer"]
+    fm = metrics["params"]["fm_frozen_bytes"]
     return {"total_mb": total / 1e6, "participants": len(participants),
-            "fm_body_mb": fm_body / 1e6, "ship_fm_mb": len(participants) * fm_body / 1e6,
-            "ratio_to_shipping_fm": total / max(1, len(participants) * fm_body)}
+            "fm_mb": fm / 1e6, "ship_fm_mb": len(participants) * fm / 1e6,
+            "ratio_to_shipping_fm": total / max(1, len(participants) * fm)}
 
 
 def alignment_jumps(rounds: Sequence[Mapping], key: str = "grad_cosine") -> list[dict]:

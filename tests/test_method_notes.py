@@ -13,7 +13,7 @@ NOTES = ROOT / "labs" / "METHOD.md"
 SOURCES = sorted((ROOT / "fedpft_lab").glob("*.py")) + sorted((ROOT / "labs").glob("[0-9][0-9]_*.ipynb"))
 # Labs whose lesson text is being rewritten elsewhere and still cite the old spec; drop an entry once its
 # citations point at METHOD.md (the report of the change lists each one and its section).
-PENDING = {"05_gradient_discrepancy.ipynb", "06_baselines_and_ablations.ipynb"}
+PENDING: set[str] = set()
 POINTER = re.compile(r"METHOD\.md#([A-Za-z0-9_-]+)")
 STALE = re.compile(r"FEDPFT_SPEC|\bspec\b[^\n]{0,12}§|\(§\d")
 

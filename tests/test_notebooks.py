@@ -86,7 +86,7 @@ EXPECTATIONS: dict[str, dict[str, object]] = {
         "reference_final_accuracy": is_fraction,    # FedPETuning, the full-FM reference curve
         "plugin_gaps": lambda g: len(g) == 3 and all(-1 <= x <= 1 for x in g),
         "aligned_rounds": [1],
-        "total_mb": (0.1, 100.0),
+        "total_mb": (0.1, 1000.0),          # each participant's first download of its proxy included
         "ratio_to_shipping_fm": (0.0, 1.0),
         "exercise_ok": True,
     },
