@@ -157,8 +157,10 @@ RELATIONS: dict[str, list[tuple[str, Callable[[dict], bool]]]] = {
         ("the loss falls", lambda m: m["loss_last"] < m["loss_first"]),
     ],
     "04_federated_proxy_finetuning": [
-        ("the W_fro package makes the download after an alignment bigger",
-         lambda m: m["bytes_down_per_round"][2] > m["bytes_down_per_round"][1] > 0),
+        ("every client downloads its whole proxy before its first round (round 1: all of them are new)",
+         lambda m: m["bytes_down_weights_per_round"][1] == m["clients_per_round"][1] * m["proxy_frozen_bytes"] > 0),
+        ("the adapter travels on top of the frozen weights every round",
+         lambda m: all(d > w for d, w in zip(m["bytes_down_per_round"][1:], m["bytes_down_weights_per_round"][1:]))),
     ],
     "05_gradient_discrepancy": [
         ("FedPFT and FedPFT-B start from the same distilled sub-FM and adapter",
