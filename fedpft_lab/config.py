@@ -98,9 +98,10 @@ class FedConfig:
     align_batch_size: int = 16
     align_lr: float = 6e-4
     align_rule: str = "mean-abs"
-    # Also measure the update disparity each round (spec §7.5): the first sampled client's round trained once
-    # more through the FM, from the same adapter and data order, against its proxy update. A measurement only
-    # (the run's trajectory is unchanged); it costs one FM client job per round, so the workshop run skips it.
+    # Also measure the update disparity each round (labs/METHOD.md#measurements): the first sampled client's round
+    # trained once more through the FM, from the same adapter and data order, against its proxy update. A
+    # measurement only (the run's trajectory is unchanged); it costs one FM client job per round, so the workshop
+    # run skips it.
     measure_update: bool = False
     seed: int = 0
 

@@ -3,11 +3,11 @@
 ``workshop``  FedConfig() as it is: the default run, about 1.5 minutes on a 2-core laptop.
 ``lab``       what the lab notebooks run (labs 04-06 share these sizes, so they hit the same cached runs).
 ``smoke``     the lab sizes cut to seconds per run, for CI; one alignment still happens.
-``paper``     the paper's federation (spec §3.2, §8.2): 100 clients, 10% of them per round, one local epoch with
+``paper``     the paper's federation (labs/METHOD.md#federated-fine-tuning): 100 clients, 10% of them per round, one local epoch with
               batch 4, alignment every t = 10 rounds, on the full offline training split of the tweets.
 
 ``fedpft-lab run --preset paper --rounds 10`` takes the preset's values as defaults; explicit flags still win.
-Only this module imports nothing heavy, so the CLI can read presets before building its parser.
+This module imports nothing heavy, so the CLI can read presets before building its parser.
 """
 from __future__ import annotations
 
@@ -33,9 +33,10 @@ SMOKE_FED: Mapping[str, Any] = {"rounds": 2, "distill_steps": 4, "distill_batch_
                                 "align_batch_size": 4, "align_interval": 1}
 
 # The paper's federation. The full balanced training split is 10,928 tweets, about 109 per client. 40 rounds:
-# the paper tests t = 20, so it runs R >= 20 rounds and likely >= 40 (spec §8.2); with t = 10 that is three
-# alignments (10, 20, 30), and the linear schedule takes the client learning rate to zero at round 40, so the
-# run ends converged by construction. The test set stays at the default 300 tweets: it is evaluated every round.
+# the paper tests t = 20, so it runs R >= 20 rounds, probably more (labs/METHOD.md#unknowns); with t = 10: three
+# alignments (10, 20, 30), each client sees its data 40 x 10% = 4 times on average, and the linear schedule has
+# decayed the client learning rate to 1/40 of its start by the last round. The test set stays at the default 300
+# tweets: it is evaluated every round.
 PAPER_DATA: Mapping[str, Any] = {"clients": 100, "max_train": None}
 PAPER_FED: Mapping[str, Any] = {"sample_fraction": 0.1, "local_epochs": 1, "batch_size": 4, "rounds": 40,
                                 "align_interval": 10}
