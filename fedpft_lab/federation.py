@@ -291,8 +291,9 @@ def to_fm_names(state: dict[str, torch.Tensor], proxy_layers: list[int] | None) 
 Progress = Callable[[dict], None]
 """``on_progress({"round": r, "stage": ..., "done": k, "total": n})``: called on worker threads, one call at a time,
 with ``done`` counting up to ``total`` within the stage. Stages: ``distill`` (round 0, building the sub-FM when it
-is not cached), ``train`` (client batches), ``evaluate`` (evaluation jobs), ``align`` (alignment steps),
-``evaluate aligned`` (the proxy re-measured after alignment)."""
+is not cached), ``setup`` (once, when the models are built, before the first round to run), ``train`` (client
+batches), ``evaluate`` (evaluation jobs), ``align`` (alignment steps), ``evaluate aligned`` (the proxy re-measured
+after alignment)."""
 
 
 class RoundStopped(Exception):
@@ -676,6 +677,7 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
     state = RunState(0, dict(setup.init_state), {}, {}, {}, [])
     if blob is not None:
         state = _load_checkpoint(blob, setup)
+    _Ticker(on_progress, state.next_round, "setup", 1)()    # models built: the first sign of life of a run
     schedule = sample_clients(cfg)
     from tqdm.auto import tqdm
 

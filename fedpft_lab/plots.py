@@ -61,16 +61,17 @@ def set_title(fig: go.Figure, text: str) -> go.Figure:
     return fig
 
 
-def round_axis(fig: go.Figure, last_round: int | None = None, fixed: bool = False) -> go.Figure:
-    """Whole-number ticks on a round axis: left alone, plotly labels a 2-round run 0, 0.5, 1, 1.5, 2.
+def count_axis(fig: go.Figure, last: int | None = None, fixed: bool = False) -> go.Figure:
+    """Whole-number ticks on an x axis that counts (rounds, steps): left alone, plotly labels a 2-round run
+    0, 0.5, 1, 1.5, 2. About ten ticks up to ``last``.
 
-    ``fixed``: also pin the range to 0..``last_round`` (a live figure whose rounds are known at Start), so the
-    axis does not rescale with every new point.
+    ``fixed``: also pin the range to 0..``last`` (a live figure whose length is known at Start), so the axis does
+    not rescale with every new point.
     """
-    step = max(1, math.ceil(last_round / 10)) if last_round else 1
+    step = max(1, math.ceil(last / 10)) if last else 1
     fig.update_xaxes(tick0=0, dtick=step)
-    if fixed and last_round:
-        fig.update_xaxes(range=[-0.25, last_round + 0.25])
+    if fixed and last:
+        fig.update_xaxes(range=[-0.25, last + 0.25])
     return fig
 
 
@@ -239,7 +240,7 @@ def round_curves(rounds: Sequence[Mapping], keys: Sequence[str] = ("accuracy", "
     _mark_alignments(fig, rounds, present[0])
     if ylabel is None:
         ylabel = label_for(present[0]) if len(present) == 1 else "value"
-    return round_axis(_layout(fig, title, "round", ylabel), _last_round(rounds))
+    return count_axis(_layout(fig, title, "round", ylabel), _last_round(rounds))
 
 
 def add_reference_curve(fig: go.Figure, rounds: Sequence[Mapping], key: str = "accuracy",
@@ -254,7 +255,7 @@ def empty_round_curves(keys: Sequence[str] = ("accuracy", "sub_accuracy"), title
                        ylabel: str | None = None, rounds: int | None = None) -> go.Figure:
     """The figure ``round_curves`` would draw, with no rounds yet: one empty line per key, then the
     alignment-marker trace. A RunPanel fills it live with ``widgets.round_curve_updater(keys)``; ``rounds``
-    fixes the x range in advance (see :func:`round_axis`)."""
+    fixes the x range in advance (see :func:`count_axis`)."""
     if not keys:
         raise ConfigError("keys must name at least one metric")
     fig = go.Figure([go.Scatter(x=[], y=[], mode="lines+markers", name=label_for(k)) for k in keys])
@@ -262,7 +263,7 @@ def empty_round_curves(keys: Sequence[str] = ("accuracy", "sub_accuracy"), title
                              marker=dict(symbol="diamond", size=10, color="black")))
     if ylabel is None:
         ylabel = label_for(keys[0]) if len(keys) == 1 else "value"
-    return round_axis(_layout(fig, title, "round", ylabel), rounds, fixed=True)
+    return count_axis(_layout(fig, title, "round", ylabel), rounds, fixed=True)
 
 
 def layer_bars(layers: Sequence[Mapping], key: str, title: str | None = None) -> go.Figure:
@@ -287,7 +288,7 @@ def method_comparison(results: Mapping[str, Sequence[Mapping]], key: str = "accu
     for method, rounds in results.items():
         fig.add_trace(go.Scatter(x=[r.get("round", i) for i, r in enumerate(rounds)],
                                  y=_column(rounds, key), mode="lines+markers", name=method))
-    return round_axis(_layout(fig, title or f"{label_for(key)} by method", "round", label_for(key)),
+    return count_axis(_layout(fig, title or f"{label_for(key)} by method", "round", label_for(key)),
                       max(_last_round(r) for r in results.values()))
 
 
@@ -416,7 +417,7 @@ def discrepancy_curves(results: Mapping[str, Sequence[Mapping]], key: str = "gra
                                      marker=dict(symbol="diamond", size=10, color="black")))
             for r in events:
                 fig.add_shape(**alignment_line(r["round"]))
-    return round_axis(_layout(fig, title or f"{label_for(key)} over rounds", "round", label_for(key)),
+    return count_axis(_layout(fig, title or f"{label_for(key)} over rounds", "round", label_for(key)),
                       max(_last_round(r) for r in results.values()))
 
 
@@ -433,7 +434,7 @@ def layer_heatmap(matrix: np.ndarray, rounds: Sequence[int], title: str, zlabel:
     for x in aligned:
         fig.add_shape(**alignment_line(x, HEATMAP_ALIGN_LINE))
     fig.update_yaxes(dtick=1)
-    return round_axis(_layout(fig, title, "round", "layer"), max(rounds, default=0))
+    return count_axis(_layout(fig, title, "round", "layer"), max(rounds, default=0))
 
 
 def empty_method_curves(names: Sequence[str], key: str = "accuracy", title: str | None = None,
@@ -442,7 +443,7 @@ def empty_method_curves(names: Sequence[str], key: str = "accuracy", title: str 
     if not names:
         raise ConfigError("names must list at least one run")
     fig = go.Figure([go.Scatter(x=[], y=[], mode="lines+markers", name=n) for n in names])
-    return round_axis(_layout(fig, title or f"{label_for(key)} by method", "round", label_for(key)), rounds,
+    return count_axis(_layout(fig, title or f"{label_for(key)} by method", "round", label_for(key)), rounds,
                       fixed=True)
 
 

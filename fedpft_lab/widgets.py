@@ -132,10 +132,10 @@ class RunPanel(w.VBox):
                                    row, self.status, *self.figs])
 
     def _set_running(self, running: bool) -> None:
+        for control in self.controls:           # controls first: Start is clickable only once they are free
+            control.disabled = running
         self.start_button.disabled = running
         self.stop_button.disabled = not running
-        for control in self.controls:
-            control.disabled = running
 
     def start(self) -> None:
         """What the Start button does: reset figures, lock controls, launch the work in a thread."""
@@ -430,16 +430,19 @@ def _progress_status(record: Mapping, rounds: int, prefix: str = "") -> str:
     return ", ".join(parts)
 
 
-# Where each stage of a round sits on the progress bar (share of the round), and how the status line names it.
-# A round's clients take most of its time; round 0 distils the sub-FM (unless cached) and evaluates A_0.
+# Where each stage of a round sits on the progress bar (share of the round), and how the status line names it
+# (with the count's unit, if any). A round's clients take most of its time; round 0 distils the sub-FM (unless
+# it is cached), builds the models and evaluates A_0. ``setup`` in a later round: a resumed run is ready.
 _STAGES: Mapping[str, tuple[float, float, str, str]] = {
+    "setup": (0.0, 0.0, "resuming", ""),
     "train": (0.0, 0.6, "clients training", "batches"),
     "evaluate": (0.6, 0.9, "evaluating", "jobs"),
     "align": (0.9, 0.95, "aligning the sub-FM", "steps"),
     "evaluate aligned": (0.95, 1.0, "re-measuring the aligned sub-FM", "jobs"),
 }
 _ROUND_0: Mapping[str, tuple[float, float, str, str]] = {
-    "distill": (0.0, 0.5, "distilling the sub-FM", "steps"),
+    "distill": (0.0, 0.45, "distilling the sub-FM", "steps"),
+    "setup": (0.45, 0.5, "models ready", ""),
     "evaluate": (0.5, 1.0, "evaluating the initial adapter", "jobs"),
 }
 
@@ -458,8 +461,9 @@ def run_progress(rounds: int, start: float = 0.0, span: float = 1.0, prefix: str
     def of_step(info: dict) -> Event:
         lo, hi, what, unit = (_ROUND_0 if info["round"] == 0 else _STAGES)[info["stage"]]
         done, total = info["done"], max(1, info["total"])
+        count = f" ({done}/{total} {unit})" if unit else ""
         return {"progress": position(info["round"], lo + (hi - lo) * done / total),
-                "status": f"{prefix}round {info['round']}/{rounds}: {what} ({done}/{total} {unit})"}
+                "status": f"{prefix}round {info['round']}/{rounds}: {what}{count}"}
 
     def of_round(record: dict) -> Event:
         return {**record, "progress": position(record["round"], 1.0),
@@ -574,15 +578,16 @@ def distill_panel(ws, sub_cfg, distill_cfg, lora=None, seed: int = 0, max_steps:
 
     def on_start(figs):
         reset_figures(figs)
+        plots.count_axis(figs[0], controls["steps"].value - 1, fixed=True)
         plots.set_title(figs[1], gap_title)     # a stopped run measures no plug-in gap: drop the last one's
 
     return RunPanel(work, on_event, [loss_fig, gap_fig], controls=list(controls.values()),
                     on_start=on_start, title="Distil the sub-FM")
 
 
-def _round_axes(figs: Sequence[go.FigureWidget], rounds: int) -> None:
+def _count_axes(figs: Sequence[go.FigureWidget], last: int) -> None:
     for fig in figs:
-        plots.round_axis(fig, rounds, fixed=True)
+        plots.count_axis(fig, last, fixed=True)
 
 
 def fed_run_panel(cfg, ws) -> RunPanel:
@@ -607,7 +612,7 @@ def fed_run_panel(cfg, ws) -> RunPanel:
     }
     keys = ("accuracy", "sub_accuracy")
     curves = plots.empty_round_curves(keys, title="Accuracy per round (live)", ylabel="accuracy", rounds=cfg.rounds)
-    cost = plots.round_axis(plots.line_plot([0], {"uploaded by clients": [0.0], "downloaded by clients": [0.0]},
+    cost = plots.count_axis(plots.line_plot([0], {"uploaded by clients": [0.0], "downloaded by clients": [0.0]},
                                             "Cumulative communication (live)", "round", "MB"), cfg.rounds, fixed=True)
 
     def work(stop, emit):
@@ -623,7 +628,7 @@ def fed_run_panel(cfg, ws) -> RunPanel:
 
     def on_start(figs):
         reset_figures(figs)
-        _round_axes(figs, controls["rounds"].value)
+        _count_axes(figs, controls["rounds"].value)
 
     update = combine_updaters(round_curve_updater(keys), cumulative_cost_updater(fig_index=1))
     return RunPanel(work, update, [curves, cost], controls=list(controls.values()), on_start=on_start,
@@ -674,7 +679,7 @@ def discrepancy_panel(cfg, ws, baselines: Sequence[str] = ("fedpft-b", "fedpft-n
 
     def on_start(live):
         reset_figures(live)
-        _round_axes(live, controls["rounds"].value)
+        _count_axes(live, controls["rounds"].value)
         for fig in live:
             fig.data[0].name = "FedPFT"
             fig.data[1].name = federation.METHOD_NAMES[controls["baseline"].value]
@@ -712,12 +717,13 @@ def methods_panel(cfg, ws, methods: Sequence[str] | None = None) -> RunPanel:
                                              prefix=f"{name}: ")
             emit({"status": f"{name}: building the proxy …"})
             federation.cached_run(replace(cfg, method=method, rounds=rounds), ws, progress=False, stop=stop,
-                                  on_round=lambda r, name=name, of_round=of_round: emit({**of_round(r), "method": name}),
+                                  on_round=lambda r, name=name, of_round=of_round: emit(
+                                      {**of_round(r), "method": name}),
                                   on_progress=lambda info, of_step=of_step: emit(of_step(info)))
 
     def on_start(figs):
         reset_figures(figs)
-        _round_axes(figs, controls["rounds"].value)
+        _count_axes(figs, controls["rounds"].value)
 
     update = method_curve_updater([federation.METHOD_NAMES[m] for m in all_methods], "accuracy")
     return RunPanel(work, update, [fig], controls=list(controls.values()), on_start=on_start,

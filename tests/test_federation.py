@@ -299,7 +299,7 @@ def test_progress_counts_every_client_batch_and_job_in_order(tiny_ws, tiny_data_
     for rnd in (1, 2):
         batches = sum(-(-len(tiny_ws.parts[k]) // cfg.batch_size) for k in clients[rnd - 1])
         assert stages[(rnd, "train")][-1] == (batches, batches)
-    assert [k for k in stages if k[0] == 0] == [(0, "distill"), (0, "evaluate")]  # round 0: build, evaluate A_0
+    assert [k for k in stages if k[0] == 0] == [(0, "distill"), (0, "setup"), (0, "evaluate")]  # before FL
     assert stages[(0, "distill")][-1] == (cfg.distill_steps, cfg.distill_steps)
     assert stages[(1, "align")][-1] == (cfg.align_steps, cfg.align_steps)         # aligns after round 1 (t=1)
     assert (1, "evaluate aligned") in stages and (2, "align") not in stages       # never after the last round
