@@ -1,4 +1,6 @@
-"""Neuron-level alignment during FL (spec §4): re-align only a proportion p of each compressed FFN.
+"""Neuron-level alignment during FL: re-align only a proportion p of each compressed FFN.
+
+The method: labs/METHOD.md#neuron-alignment.
 
 1. In an alignment round each participating client records, per FFN neuron of every compressed layer,
    how active it was during local training. Only these per-neuron sums leave the client.

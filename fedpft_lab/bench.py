@@ -41,9 +41,9 @@ from torch.utils import flop_counter
 
 from . import adapters, data, federation, io, models, parallel, subfm
 from .distill import DistillConfig, distill, embed
+from .paths import LABS_DIR, lab_notebooks
 from .workspace import DataConfig, Workspace, prepare
 
-LABS_DIR = Path(__file__).resolve().parent.parent / "labs"
 KEEP_RATIOS = (1.0, 0.5, 0.25)
 
 
@@ -453,10 +453,6 @@ def memory_info() -> dict:
 
 
 # --------------------------------------------------------------------------- 7. notebooks
-
-def lab_notebooks(labs: Path = LABS_DIR) -> list[Path]:
-    return sorted(labs.glob("[0-9][0-9]_*.ipynb"))
-
 
 @contextlib.contextmanager
 def python3_kernel() -> Iterator[None]:

@@ -1,4 +1,5 @@
-"""``fedpft-lab``: inspect a sub-FM, run one federated method, compare methods, sweep a parameter, benchmark.
+"""``fedpft-lab``: inspect a sub-FM, run one federated method, compare methods, sweep a parameter, benchmark,
+write an HTML report of results, and the student edition of the labs.
 
 Every sub-command runs offline on the embedded default (MiniLM + tweets + Wikipedia summaries).
 """
@@ -236,6 +237,26 @@ def cmd_bench(a: argparse.Namespace) -> dict:
     return bench_main(a)
 
 
+def cmd_report(a: argparse.Namespace) -> str:
+    from .report import write_report
+
+    path = write_report(Path(a.dir), Path(a.output) if a.output else None)
+    print(f"report: {path}")
+    return str(path)
+
+
+def cmd_student_edition(a: argparse.Namespace) -> list[str]:
+    from .editions import write_student_edition
+    from .paths import LABS_DIR
+
+    written = write_student_edition(Path(a.out_dir), Path(a.labs) if a.labs else LABS_DIR)
+    for path in written:
+        print(path)
+    print(f"student edition: {sum(p.suffix == '.ipynb' for p in written)} notebooks in {a.out_dir} "
+          "(exercise cells hold stubs; the labs in the checkout keep the solutions)")
+    return [str(p) for p in written]
+
+
 def _restart(a: argparse.Namespace) -> None:
     """--restart: move the previous results in --out aside (never delete them) so the run starts over."""
     out = Path(a.out).resolve()
@@ -307,6 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-notebooks", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="one self-contained HTML page (works offline) from a run or compare folder")
+    p.add_argument("dir", help="a folder written by `fedpft-lab run` (metrics.json) or `fedpft-lab compare` "
+                               "(compare.json)")
+    p.add_argument("-o", "--output", default=None, help="the HTML file to write (default: DIR/report.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("student-edition", help="write the labs with their exercises unsolved (the committed labs "
+                                               "are the instructor edition)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where the student notebooks go (not the labs folder itself)")
+    p.add_argument("--labs", default=None,
+                   help="the folder of the instructor edition (default: labs/ of this checkout)")
+    p.set_defaults(func=cmd_student_edition)
     return parser
 
 

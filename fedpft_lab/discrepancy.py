@@ -1,4 +1,6 @@
-"""How different are the gradients a client computes on the proxy from those the FM would give? (spec §7)
+"""How different are the gradients a client computes on the proxy from those the FM would give?
+
+The measurements: labs/METHOD.md#measurements.
 
 FedPFT's convergence argument rests on this gradient discrepancy staying small: clients descend the
 sub-FM's loss, but the adapter is evaluated in the FM. We load the *same* adapter into both models, take
@@ -160,7 +162,7 @@ def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapp
 def update_disparity(start: Mapping[str, torch.Tensor], proxy_state: Mapping[str, torch.Tensor],
                      fm_state: Mapping[str, torch.Tensor]) -> tuple[float, float]:
     """(cosine, relative L2) of the adapter change a round made on the proxy vs on the FM, both from ``start``
-    (spec §7.5): the quantity FL actually plugs in. The FM's change is the reference."""
+    (labs/METHOD.md#measurements): the quantity FL actually plugs in. The FM's change is the reference."""
     keys = sorted(start)
     d_px = _flat({k: proxy_state[k].double() - start[k].double() for k in keys}, keys)
     d_fm = _flat({k: fm_state[k].double() - start[k].double() for k in keys}, keys)

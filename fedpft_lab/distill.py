@@ -1,4 +1,4 @@
-"""Aligning the sub-FM to the FM on public data (spec §2 and §4).
+"""Aligning the sub-FM to the FM on public data (labs/METHOD.md#layer-distillation, #neuron-alignment).
 
 Both FedPFT alignments minimise the same loss, the relative MSE between the outputs of corresponding
 layers, averaged over the compressed layers:

@@ -1,4 +1,4 @@
-"""Federated proxy fine-tuning, simulated in one process (spec §3-§5).
+"""Federated proxy fine-tuning, simulated in one process (labs/METHOD.md#federated-fine-tuning, #baselines).
 
 One round, as the server sees it::
 
@@ -43,6 +43,9 @@ METHODS = ("fedpft", "fedpetuning", "fedot", "fedot-all", "fedpft-n", "fedpft-b"
 METHOD_NAMES = {"fedpft": "FedPFT", "fedpetuning": "FedPETuning", "fedot": "FedOT", "fedot-all": "FedOT-all",
                 "fedpft-n": "FedPFT-N", "fedpft-b": "FedPFT-B", "fedpft-d": "FedPFT-D"}
 LR_SCHEDULES = ("linear", "exp", "constant")
+# The layout of metrics.json: bump when it gains or loses a field, so the run cache never serves a file that a lab
+# would read a missing field from. (RESULTS_VERSION is for the numbers; this is for the shape.)
+METRICS_SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -77,9 +80,10 @@ class FedConfig:
     align_batch_size: int = 16
     align_lr: float = 6e-4
     align_rule: str = "mean-abs"
-    # Also measure the update disparity each round (spec §7.5): the first sampled client's round trained once
-    # more through the FM, from the same adapter and data order, against its proxy update. A measurement only
-    # (the run's trajectory is unchanged); it costs one FM client job per round, so the workshop run skips it.
+    # Also measure the update disparity each round (labs/METHOD.md#measurements): the first sampled client's round
+    # trained once more through the FM, from the same adapter and data order, against its proxy update. A
+    # measurement only (the run's trajectory is unchanged); it costs one FM client job per round, so the workshop
+    # run skips it.
     measure_update: bool = False
     seed: int = 0
 
@@ -395,7 +399,8 @@ def client_seed(cfg: FedConfig, rnd: int, client: int) -> int:
 
 def fm_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int,
               global_state: dict[str, torch.Tensor], stop: threading.Event | None = None) -> dict[str, torch.Tensor]:
-    """``client``'s round replayed on the FM itself: same start, data order, lr and steps (spec §7.5).
+    """``client``'s round replayed on the FM itself: same start, data order, lr and steps (the update disparity,
+    labs/METHOD.md#measurements).
 
     Its difference from the proxy's update is what plugging the proxy-trained adapter into the FM gets wrong.
     """
@@ -594,7 +599,10 @@ def summary(cfg: FedConfig, setup: Setup, records: list[dict], ws: Workspace | N
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
         "params": {"fm_transformer": setup.fm_params, "sub_transformer": setup.proxy_params,
-                   "trainable": trainable},
+                   "trainable": trainable,
+                   # what a client downloads once: its proxy's frozen weights; and what shipping the FM would cost
+                   "proxy_frozen_bytes": setup.frozen_bytes(),
+                   "fm_frozen_bytes": adapters.nbytes(p for p in setup.fm.parameters() if not p.requires_grad)},
         "cost": {"bytes_up": sum(r["bytes_up"] for r in records), "bytes_down": sum(r["bytes_down"] for r in records),
                  "bytes_down_weights": sum(r.get("bytes_down_weights", 0) for r in records),
                  "client_seconds": sum(r["client_seconds"] for r in records),
@@ -635,7 +643,7 @@ def cached_run(cfg: FedConfig, ws: Workspace | None = None, progress: bool = Tru
 
     # Only what can change this method's result (FedPFT-B's key has no alignment fields), plus the code's results
     # version and the library-level choices FedConfig does not name (e.g. which layers distillation matches).
-    key = paths.config_key({"config": result_config(cfg), "code": code_version()["results"],
+    key = paths.config_key({"config": result_config(cfg), "code": code_version()["results"], "schema": METRICS_SCHEMA,
                             "distill": asdict(cfg.distill_config()) if cfg.distil_before else None,
                             "align": asdict(cfg.align_config(1)) if cfg.align_during else None})
     out = paths.cache_dir() / "runs" / f"{cfg.method}-{key}"

@@ -96,7 +96,7 @@ def encoder_layer_params(d: int, m: int) -> int:
 
 def paper_param_counts(d: int = 768, m: int = 3072, num_layers: int = 12, kept_width: int = 768,
                        retained: Sequence[int] = (0, 11), emulator_layers: int = 7) -> dict[str, int]:
-    """The paper's "Transformers Params" column for BERT/RoBERTa-base (spec §1.4): FM, sub-FM, FedOT proxy."""
+    """The paper's "Transformers Params" column for BERT/RoBERTa-base: FM, sub-FM, FedOT (labs/METHOD.md#sub-fm)."""
     full = encoder_layer_params(d, m)
     small = encoder_layer_params(d, kept_width)
     n_retained = len(set(retained))
@@ -141,7 +141,7 @@ def params_in_units(n: int) -> dict[str, float]:
 # ----------------------------------------------------------------------------- saliency views
 
 def layer_saliencies(fm: nn.Module) -> dict[int, np.ndarray]:
-    """Neuron saliency (spec §1.2) of every layer's FFN, retained layers included (to show what they keep)."""
+    """Neuron saliency (labs/METHOD.md#sub-fm) of every layer's FFN, retained layers included (what they keep)."""
     out = {}
     for i in range(models.num_layers(fm)):
         w1, w2, _ = models.ffn(fm, i)
@@ -288,15 +288,16 @@ def cumulative_mb(rounds: Sequence[Mapping]) -> dict[str, list[float]]:
 
 
 def comm_summary(metrics: Mapping) -> dict[str, float]:
-    """Communication of a run next to the alternative FedPFT avoids: shipping the FM's transformer body (fp32)
-    once to every client that took part."""
+    """Communication of a run next to the alternative FedPFT avoids: shipping the FM itself (all its frozen weights,
+    fp32, embeddings included) once to every client that took part. The run's own total already counts each
+    participant's one-time download of its proxy, so the two are like for like."""
     rounds = metrics["rounds"]
     total = metrics["cost"]["bytes_up"] + metrics["cost"]["bytes_down"]
     participants = {c for r in rounds for c in r.get("clients", [])}
-    fm_body = 4 * metrics["params"]["fm_transformer"]
+    fm = metrics["params"]["fm_frozen_bytes"]
     return {"total_mb": total / 1e6, "participants": len(participants),
-            "fm_body_mb": fm_body / 1e6, "ship_fm_mb": len(participants) * fm_body / 1e6,
-            "ratio_to_shipping_fm": total / max(1, len(participants) * fm_body)}
+            "fm_mb": fm / 1e6, "ship_fm_mb": len(participants) * fm / 1e6,
+            "ratio_to_shipping_fm": total / max(1, len(participants) * fm)}
 
 
 def alignment_jumps(rounds: Sequence[Mapping], key: str = "grad_cosine") -> list[dict]:
@@ -348,7 +349,7 @@ def gap_closed(accuracies: Mapping[str, float], method: str = "fedpft", low: str
 # ----------------------------------------------------------------------------- the paper's numbers
 
 PAPER_SOURCE = ("Peng et al., FedPFT, IJCAI 2024 (arXiv 2404.11536): Tables 1-3 as reproduced in the official "
-                "repository's README images; transcribed in FEDPFT_SPEC.md §8.3. Accuracy in %, GLUE dev sets, "
+                "repository's README images; listed in labs/METHOD.md#paper-numbers. Accuracy in %, GLUE dev sets, "
                 "100 clients, 10% sampled per round.")
 
 # Table 1 (IID): model -> method -> task -> accuracy. MNLI is matched / mismatched.

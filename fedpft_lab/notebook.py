@@ -47,9 +47,19 @@ Notebook layout (``labs/NN_name.ipynb``, kernelspec name ``python3``, committed 
        if not HEADLESS:
            display(panel)
 
-7. At least one exercise: a Markdown task, a code cell the participant edits (shipped with a working solution
-   between ``### BEGIN SOLUTION`` / ``### END SOLUTION``), and a check cell ending in ``nb.check(...)``,
-   which prints "✓ ..." or fails with a hint.
+7. At least one exercise: a Markdown task, a code cell the participant edits, and a check cell. The committed
+   lab is the *instructor edition*: the exercise cell holds a working solution between ``### BEGIN SOLUTION`` /
+   ``### END SOLUTION``, is tagged ``solution`` and carries the participant's starting code in its metadata,
+   ``{"fedpft_lab": {"stub": "MY_ALPHA = None  # ..."}}``. ``fedpft-lab student-edition OUT_DIR`` writes the
+   *student edition*, where that stub replaces the solution (:mod:`fedpft_lab.editions`). The check cell
+   therefore first asks whether the exercise was done at all, so an unsolved one never stops Run All::
+
+       exercise_ok = False
+       if nb.solved(globals(), "MY_ALPHA", hint="set MY_ALPHA to ..."):   # else prints "… not solved yet"
+           exercise_ok = ...
+           nb.check(exercise_ok, "what was right", hint="what to fix")   # raises when the answer is wrong
+
+   and ``exercise_ok`` goes into the metrics.
 8. Last cell: ``nb.write_metrics(OUT_DIR, {...}, ctx)`` — the numbers the lab is about, plus ``seconds``.
    ``tests/test_notebooks.py`` runs every lab with SMOKE=True, HEADLESS=True and checks metrics.json against
    the per-lab expectations listed there (a new lab must add its entry).
@@ -155,6 +165,21 @@ def setup(seed: int = 0, smoke: bool = False, headless: bool = False, threads: i
     torch.set_num_threads(threads)
     pio.renderers.default = renderer
     return LabContext(seed=seed, smoke=bool(smoke), headless=bool(headless))
+
+
+def solved(scope: Mapping[str, Any], *names: str, hint: str = "") -> bool:
+    """Has the participant done the exercise? True when every name in ``names`` is bound in ``scope`` (pass
+    ``globals()``) to something other than None.
+
+    Otherwise print "… not solved yet" with the hint and return False, without raising: the student edition
+    ships the exercise unsolved, and Run All (or a headless run) must still reach the live panel and the metrics.
+    """
+    missing = [name for name in names if scope.get(name) is None]
+    if not missing:
+        return True
+    print(f"… not solved yet: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not defined "
+          f"(or still None).{' Hint: ' + hint if hint else ''}")
+    return False
 
 
 def check(passed: bool, message: str, hint: str = "") -> None:

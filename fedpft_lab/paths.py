@@ -11,6 +11,12 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+LABS_DIR = REPO_ROOT / "labs"   # the lab notebooks (instructor edition) of a checkout
+
+
+def lab_notebooks(labs: Path = LABS_DIR) -> list[Path]:
+    """The numbered lab notebooks ``NN_name.ipynb`` in ``labs``, in order."""
+    return sorted(Path(labs).glob("[0-9][0-9]_*.ipynb"))
 
 
 def cache_dir() -> Path:

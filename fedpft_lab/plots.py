@@ -33,6 +33,8 @@ KEY_LABELS: Mapping[str, str] = {
     "sub_accuracy": "sub-FM accuracy",
     "grad_cosine": "cosine(sub-FM gradient, FM gradient)",
     "grad_rel_l2": "||g_sub - g_FM|| / ||g_FM||",
+    "update_cosine": "cosine(proxy's update, FM's update)",
+    "update_rel_l2": "||Δ_proxy - Δ_FM|| / ||Δ_FM||",
     "bytes_up": "bytes sent by clients",
     "bytes_down": "bytes sent by the server",
     "seconds": "seconds",
@@ -499,7 +501,9 @@ def band_curves(series: Mapping[str, Mapping[str, Sequence[float | None]]], titl
                                  fillcolor=f"rgba({r},{g},{b},0.15)", hoverinfo="skip", showlegend=False,
                                  name=f"{name} 95%"))
         fig.add_trace(go.Scatter(x=xs, y=list(s["mean"]), mode="lines+markers", name=name, line=dict(color=colour)))
-    return _layout(fig, title, "round", yaxis, xaxis=dict(dtick=1))
+    _layout(fig, title, "round", yaxis)
+    fig.update_xaxes(dtick=1)     # rounds are whole numbers
+    return fig
 
 
 # ----------------------------------------------------------------------------- CLI sweep: the parameter study

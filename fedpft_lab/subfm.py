@@ -1,8 +1,8 @@
 """Building the proxy the clients fine-tune: FedPFT's layer-wise sub-FM and FedOT's layer-drop emulator.
 
-Layer-wise compression (FedPFT, spec §1) keeps *every* layer but only the most salient FFN neurons in the
+Layer-wise compression (FedPFT, labs/METHOD.md#sub-fm) keeps *every* layer but only the most salient FFN neurons in the
 compressed ones, so each FM layer keeps a matching sub-FM layer and the attention modules (where LoRA lives)
-are untouched. Layer-drop (Offsite-Tuning / FedOT, spec §5) instead removes whole middle layers.
+are untouched. Layer-drop (Offsite-Tuning / FedOT, labs/METHOD.md#baselines) instead removes whole middle layers.
 
 Both results are ordinary transformers models with the FM's module names, so an adapter moves between
 proxy and FM by copying a state dict.
@@ -73,7 +73,7 @@ class SubFMInfo:
 
 
 def neuron_saliency(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Saliency of each FFN neuron: the L2 norm of every weight touching it (spec §1.2).
+    """Saliency of each FFN neuron: the L2 norm of every weight touching it (labs/METHOD.md#sub-fm).
 
     ``w1`` is the up-projection weight (m x d, row i feeds neuron i) and ``w2`` the down-projection
     weight (d x m, column i leaves neuron i). Biases are not part of the score.
@@ -110,7 +110,7 @@ def _sliced_linear(src: nn.Linear, rows: torch.Tensor | None = None, cols: torch
 
 
 def compress_layer_(model: nn.Module, index: int, keep: torch.Tensor) -> None:
-    """Replace layer ``index``'s FFN by the sub-FFN on neurons ``keep`` (spec §1.3), in place."""
+    """Replace layer ``index``'s FFN by the sub-FFN on neurons ``keep`` (labs/METHOD.md#sub-fm), in place."""
     a = models.arch(model)
     layer = models.layers(model)[index]
     w1, w2, _ = models.ffn(model, index)
@@ -144,7 +144,7 @@ def apply_plan(fm: nn.Module, info: SubFMInfo) -> nn.Module:
 
 
 def build_sub_fm(fm: nn.Module, cfg: SubFMConfig) -> tuple[nn.Module, SubFMInfo]:
-    """Layer-wise compression of the FM into the sub-FM (spec §1)."""
+    """Layer-wise compression of the FM into the sub-FM (labs/METHOD.md#sub-fm)."""
     info = plan_sub_fm(fm, cfg)
     return apply_plan(fm, info), info
 

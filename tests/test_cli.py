@@ -44,7 +44,7 @@ def test_run_writes_metrics_and_resume_is_a_no_op_when_done(tmp_path):
     assert main(["run", "--method", "fedpft", *TINY, "--out", str(tmp_path)]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert set(m) >= {"config", "final_accuracy", "best_accuracy", "params", "rounds"}
-    assert set(m["params"]) == {"fm_transformer", "sub_transformer", "trainable"}
+    assert set(m["params"]) == {"fm_transformer", "sub_transformer", "trainable", "proxy_frozen_bytes", "fm_frozen_bytes"}
     assert [r["round"] for r in m["rounds"]] == [0, 1, 2] and m["rounds"][1]["aligned"]
     assert main(["run", "--method", "fedpft", *TINY, "--out", str(tmp_path), "--resume"]) == 0
     assert json.loads((tmp_path / "metrics.json").read_text())["rounds"] == m["rounds"]

@@ -171,9 +171,9 @@ def test_plugin_gaps_and_cumulative_mb():
 
 def test_comm_summary_counts_distinct_participants():
     metrics = {"rounds": ROUNDS, "cost": {"bytes_up": 4_000_000, "bytes_down": 4_000_000},
-               "params": {"fm_transformer": 1_000_000}}
+               "params": {"fm_frozen_bytes": 4_000_000}}
     s = H.comm_summary(metrics)
-    assert s["participants"] == 3 and s["total_mb"] == 8.0 and s["fm_body_mb"] == 4.0
+    assert s["participants"] == 3 and s["total_mb"] == 8.0 and s["fm_mb"] == 4.0
     assert s["ratio_to_shipping_fm"] == pytest.approx(8 / 12)
 
 

@@ -1,4 +1,5 @@
-"""Every lab notebook: structure checks (no kernel) and a SMOKE run with papermill checked against expectations.
+"""Every lab notebook: structure checks (no kernel) and a SMOKE run with papermill checked against expectations,
+for the committed instructor edition (exercises solved) and the generated student edition (exercises unsolved).
 
 Adding ``labs/NN_name.ipynb`` adds it here automatically. Its run must write ``metrics.json`` and it must have
 an entry in ``EXPECTATIONS`` below (the test fails with a reminder until it has one): a new lab states what
@@ -19,6 +20,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from fedpft_lab import editions
 from fedpft_lab import notebook as nb
 from fedpft_lab.errors import ConfigError
 
@@ -46,6 +48,7 @@ EXPECTATIONS: dict[str, dict[str, object]] = {
         "round_drift_skewed": (0.05, 1.0),
         "exercise_alpha": (0.01, 10.0),
         "exercise_share": (0.9, 1.0),
+        "exercise_ok": True,
     },
     # Labs 02-06 run the real MiniLM at SMOKE sizes (fedpft_lab.lab_helpers.SMOKE_DATA / SMOKE_FED): 2 rounds,
     # alignment after round 1, a 40-tweet test set. Accuracies carry no signal at that size; structure does.
@@ -83,7 +86,7 @@ EXPECTATIONS: dict[str, dict[str, object]] = {
         "reference_final_accuracy": is_fraction,    # FedPETuning, the full-FM reference curve
         "plugin_gaps": lambda g: len(g) == 3 and all(-1 <= x <= 1 for x in g),
         "aligned_rounds": [1],
-        "total_mb": (0.1, 100.0),
+        "total_mb": (0.1, 1000.0),          # each participant's first download of its proxy included
         "ratio_to_shipping_fm": (0.0, 1.0),
         "exercise_ok": True,
     },
@@ -95,16 +98,24 @@ EXPECTATIONS: dict[str, dict[str, object]] = {
         "grad_rel_l2": lambda d: all(x >= 0 for xs in d.values() for x in xs),
         "jumps": lambda d: all(len(v) == 1 for v in d.values()),
         "before_first_alignment_matches_fedpft_b": True,   # FedPFT and FedPFT-B differ only by the alignment
+        "task": "tweets",
+        "update_cosine": lambda d: set(d) == {"fedpft", "fedpft-b", "fedpft-n"} and all(
+            len(v) == 2 and all(-1 <= c <= 1 for c in v) for v in d.values()),
+        "reference": lambda r: len(r["seeds"]) >= 3 and r["fedpft_cosine_above_fedpft_n"]["points"] > 0,
         "exercise_ok": True,
     },
     "06_baselines_and_ablations": {
         "methods": ["fedpetuning", "fedot", "fedpft-n", "fedpft-b", "fedpft-d", "fedpft"],
+        "task": "tweets",
         "final_accuracy": lambda d: len(d) == 6 and all(is_fraction(a) for a in d.values()),
         "mean_grad_cosine": lambda d: all(-1 <= c <= 1 + 1e-9 for c in d.values()),
         "proxy_params": lambda d: d["fedpft"] == 7_103_232 and d["fedpetuning"] == 10_646_784,
         "fm_params": 10_646_784,
         "paper_gap_closed": lambda d: abs(d["BERT"] - 0.8) < 1e-9 and abs(d["RoBERTa"] - 3.4 / 5.5) < 1e-9,
         "gap_closed": lambda g: g is None or isinstance(g, float),
+        # the stored study: every method of the lab, several seeds, paired differences from FedPFT
+        "reference": lambda r: len(r["seeds"]) >= 3 and {"fedpft", "fedpft-n", "fedpetuning", "fedot"} <= set(
+            r["final_accuracy"]) and r["vs_fedpft"]["fedpft"] is None and r["vs_fedpft"]["fedpft-n"]["ci"] is not None,
         "exercise_ok": True,
     },
     "07_why_alignment_matters": {
@@ -117,6 +128,7 @@ EXPECTATIONS: dict[str, dict[str, object]] = {
         "floors": lambda d: len(d) >= 3,
         "exercise_period": lambda t: isinstance(t, int) and 1 <= t <= 100,
         "exercise_gap": (0.0, 1e-4),
+        "exercise_ok": True,
     },
 }
 
@@ -145,8 +157,10 @@ RELATIONS: dict[str, list[tuple[str, Callable[[dict], bool]]]] = {
         ("the loss falls", lambda m: m["loss_last"] < m["loss_first"]),
     ],
     "04_federated_proxy_finetuning": [
-        ("the W_fro package makes the download after an alignment bigger",
-         lambda m: m["bytes_down_per_round"][2] > m["bytes_down_per_round"][1] > 0),
+        ("every client downloads its whole proxy before its first round (round 1: all of them are new)",
+         lambda m: m["bytes_down_weights_per_round"][1] == m["clients_per_round"][1] * m["proxy_frozen_bytes"] > 0),
+        ("the adapter travels on top of the frozen weights every round",
+         lambda m: all(d > w for d, w in zip(m["bytes_down_per_round"][1:], m["bytes_down_weights_per_round"][1:]))),
     ],
     "05_gradient_discrepancy": [
         ("FedPFT and FedPFT-B start from the same distilled sub-FM and adapter",
@@ -181,6 +195,17 @@ def check_value(value: object, expected: object) -> bool:
     if callable(expected):
         return bool(expected(value))
     return value == expected
+
+
+def problems_with(stem: str, metrics: dict, skip: Callable[[str], bool] = lambda key: False) -> list[str]:
+    """Every expectation and relation of lab ``stem`` that ``metrics`` fails (keys for which ``skip`` is true are
+    not checked)."""
+    problems = [f"{key}: missing" if key not in metrics else f"{key}={metrics[key]!r} not within {expected!r}"
+                for key, expected in EXPECTATIONS[stem].items()
+                if not skip(key) and (key not in metrics or not check_value(metrics[key], expected))]
+    problems += [f"relation failed: {name}" for name, rule in RELATIONS.get(stem, [])
+                 if not problems and not rule(metrics)]
+    return problems
 
 
 # ----------------------------------------------------------------------------- structure (no kernel)
@@ -249,6 +274,21 @@ def test_setup_exercise_and_metrics_cells(path):
     assert "write_metrics" in calls(cells[-1].source), "the last cell must call nb.write_metrics(OUT_DIR, ...)"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercises_follow_the_edition_convention(path):
+    """Each exercise cell is tagged, carries a stub that parses, and is followed by a check that first asks
+    nb.solved(...); otherwise the student edition would leak the solution or stop at a NameError."""
+    notebook = read(path)
+    assert not editions.edition_problems(notebook), editions.edition_problems(notebook)
+    exercises = [i for i, c in enumerate(notebook.cells) if editions.is_solution(c)]
+    assert exercises, f"tag the exercise cell {editions.SOLUTION_TAG!r} and give it a stub (see fedpft_lab/editions.py)"
+    for i in exercises:
+        ast.parse(editions.stub_of(notebook.cells[i]))
+        check = next(c for c in notebook.cells[i + 1:] if c.cell_type == "code")
+        assert {"solved", "check"} <= calls(check.source), "the check cell must call nb.solved(...) then nb.check(...)"
+    assert "exercise_ok" in notebook.cells[-1].source, "write exercise_ok into the metrics"
+
+
 # ----------------------------------------------------------------------------- execution (papermill)
 
 @pytest.fixture(scope="session")
@@ -283,12 +323,40 @@ def test_notebook_runs_headless_and_meets_expectations(path, tmp_path, python3_k
     assert path.stem in EXPECTATIONS, (
         f"{path.stem} ran and wrote {sorted(metrics)}; add EXPECTATIONS[{path.stem!r}] in "
         f"tests/test_notebooks.py stating which values mean the lab worked")
-    problems = [f"{key}: missing" if key not in metrics else f"{key}={metrics[key]!r} not within {expected!r}"
-                for key, expected in EXPECTATIONS[path.stem].items()
-                if key not in metrics or not check_value(metrics[key], expected)]
-    problems += [f"relation failed: {name}" for name, rule in RELATIONS.get(path.stem, [])
-                 if not problems and not rule(metrics)]
+    problems = problems_with(path.stem, metrics)
     assert not problems, f"{path.name}: " + "; ".join(problems)
+
+
+@pytest.fixture(scope="session")
+def student_labs(tmp_path_factory) -> Path:
+    """The student edition, written by the CLI command a course would use."""
+    from fedpft_lab import cli
+
+    out = tmp_path_factory.mktemp("student")
+    assert cli.main(["student-edition", str(out)]) == 0
+    return out
+
+
+def stream_text(notebook: nbformat.NotebookNode) -> str:
+    return "".join(o.get("text", "") for c in code_cells(notebook) for o in c.outputs if o.output_type == "stream")
+
+
+@pytest.mark.notebooks
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_student_edition_runs_to_the_end_unsolved(path, tmp_path, student_labs, python3_kernel):
+    """Run All on the student edition, from its own folder: the exercise reports "not solved yet" instead of
+    raising, the lab still reaches its last cell, and every number except the exercise's meets the expectations."""
+    import papermill as pm
+
+    out_dir = tmp_path / "out"
+    executed = pm.execute_notebook(str(student_labs / path.name), str(tmp_path / path.name),
+                                   kernel_name=python3_kernel, cwd=str(student_labs), progress_bar=False,
+                                   parameters={**SMOKE_PARAMETERS, "OUT_DIR": str(out_dir)}, execution_timeout=600)
+    assert "not solved yet" in stream_text(executed), f"{path.name}: the check cell did not say 'not solved yet'"
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["exercise_ok"] is False
+    problems = problems_with(path.stem, metrics, skip=lambda key: key.startswith("exercise"))
+    assert not problems, f"student edition of {path.name}: " + "; ".join(problems)
 
 
 # ----------------------------------------------------------------------------- notebook helpers
@@ -317,6 +385,15 @@ def test_check_prints_tick_or_raises_with_hint(capsys):
     assert capsys.readouterr().out == "✓ well done\n"
     with pytest.raises(AssertionError, match="try a smaller alpha"):
         nb.check(False, "well done", hint="try a smaller alpha")
+
+
+def test_solved_reports_missing_or_none_names_without_raising(capsys):
+    scope = {"MY_ALPHA": 0.3, "my_ratio": None}
+    assert nb.solved(scope, "MY_ALPHA") is True and capsys.readouterr().out == ""
+    assert nb.solved(scope, "MY_ALPHA", "my_ratio", "my_total_mb", hint="count each client once") is False
+    out = capsys.readouterr().out
+    assert out.startswith("… not solved yet: my_ratio, my_total_mb are not defined")
+    assert out.rstrip().endswith("Hint: count each client once") and out.count("\n") == 1
 
 
 def test_timer_records_named_sections():

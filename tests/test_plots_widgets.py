@@ -553,3 +553,15 @@ def test_add_reference_curve_is_a_dashed_extra_line():
     fig = plots.add_reference_curve(plots.round_curves(ROUNDS), ROUNDS[:2], "accuracy", "FedPETuning")
     ref = fig.data[-1]
     assert ref.name == "FedPETuning" and ref.line.dash == "dash" and list(ref.y) == [0.5, 0.6]
+
+
+def test_band_curves_draw_a_mean_line_inside_its_band_per_run():
+    series = {"FedPFT": {"mean": [0.5, 0.7, 0.8], "low": [0.4, None, 0.7], "high": [0.6, None, 0.9]},
+              "FedPFT-N": {"mean": [0.5, 0.6, 0.6], "low": [0.5, 0.5, 0.5], "high": [0.5, 0.7, 0.7]}}
+    fig = plots.band_curves(series, "Accuracy over seeds", "accuracy")
+    band, line = fig.data[0], fig.data[1]
+    assert band.fill == "toself" and not band.showlegend and line.name == "FedPFT"
+    assert list(band.x) == [0, 1, 2, 2, 1, 0]
+    assert list(band.y) == [0.6, 0.7, 0.9, 0.7, 0.7, 0.4]      # a missing interval collapses onto the mean
+    assert list(line.y) == [0.5, 0.7, 0.8] and [t.name for t in fig.data[1::2]] == ["FedPFT", "FedPFT-N"]
+    assert fig.layout.xaxis.title.text == "round" and fig.layout.xaxis.dtick == 1

@@ -33,7 +33,9 @@ def test_study_describes_itself_and_matches_its_runs(name):
             json.dumps(study.table["base_config"]["data"]["task"])}
     again = compare.summarise(study.runs)
     for method, row in study.table["methods"].items():
-        assert again["methods"][method]["final_accuracy"] == pytest.approx(row["final_accuracy"]), method
+        now = again["methods"][method]["final_accuracy"]
+        assert now["mean"] == pytest.approx(row["final_accuracy"]["mean"]), method
+        assert now["ci"] == pytest.approx(row["final_accuracy"]["ci"]), method
 
 
 @pytest.mark.slow
