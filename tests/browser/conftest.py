@@ -92,12 +92,13 @@ def _lab_settings(folder: Path) -> None:
 
 
 def _cache_with_fresh_runs(folder: Path) -> Path:
-    """A cache root that links every entry of the test cache except ``runs/`` (fresh: federated runs train)."""
+    """A cache root that links the test cache's files (tokenised data, sub-FMs) but not its ``runs/``, so every
+    federated Start trains. Lock files are not linked: filelock refuses a symlink, and each lock is per process
+    anyway. What the session computes stays in this folder; an entry it rebuilds replaces only its link."""
     shared = Path(os.environ["FEDPFT_LAB_CACHE"])
-    shared.mkdir(parents=True, exist_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
-    for entry in shared.iterdir():
-        if entry.name != "runs":
+    for entry in shared.glob("*.pt") if shared.is_dir() else ():
+        if entry.is_file() and not entry.name.startswith("."):
             (folder / entry.name).symlink_to(entry)
     return folder
 
