@@ -136,15 +136,21 @@ class Setup:
         return self.devices[:n]
 
 
-def build_setup(cfg: FedConfig, ws: Workspace, progress: bool = True, stop: threading.Event | None = None) -> Setup:
-    """Build FM + proxy for ``cfg.method`` and the initial global adapter A_0 (from the FM's LoRA init)."""
+def build_setup(cfg: FedConfig, ws: Workspace, progress: bool = True, stop: threading.Event | None = None,
+                on_progress: Progress | None = None) -> Setup:
+    """Build FM + proxy for ``cfg.method`` and the initial global adapter A_0 (from the FM's LoRA init).
+
+    ``on_progress`` hears of every distillation step (stage ``distill`` of round 0) when the sub-FM is not cached.
+    """
     lora = cfg.lora_config()
     proxy_layers, compressed, loss = None, [], []
     if cfg.proxy_kind == "fm":
         proxy = copy.deepcopy(ws.fm)
     elif cfg.proxy_kind == "sub-fm":
         steps = cfg.distill_steps if cfg.distil_before else 0
-        built = sub_fm(ws, cfg.sub_config(), replace(cfg.distill_config(), steps=steps), progress=progress, stop=stop)
+        tick = _Ticker(on_progress, 0, "distill", steps)
+        built = sub_fm(ws, cfg.sub_config(), replace(cfg.distill_config(), steps=steps), progress=progress, stop=stop,
+                       on_step=lambda step, loss: tick())
         proxy, compressed, loss = built.model, built.info.compressed, built.distill_loss
     else:
         target = models.transformer_params(subfm.build_sub_fm(ws.fm, cfg.sub_config())[0])
@@ -180,6 +186,40 @@ def to_fm_names(state: dict[str, torch.Tensor], proxy_layers: list[int] | None) 
     return adapters.translate(state, adapters.layer_key_map(proxy_layers))
 
 
+# --------------------------------------------------------------------------- stop and progress inside a round
+
+Progress = Callable[[dict], None]
+"""``on_progress({"round": r, "stage": ..., "done": k, "total": n})``: called on worker threads, one call at a time,
+with ``done`` counting up to ``total`` within the stage. Stages: ``distill`` (round 0, building the sub-FM when it
+is not cached), ``setup`` (once, when the models are built, before the first round to run), ``train`` (client
+batches), ``evaluate`` (evaluation jobs), ``align`` (alignment steps), ``evaluate aligned`` (the proxy re-measured
+after alignment)."""
+
+
+class RoundStopped(Exception):
+    """``stop`` was set inside a round: the round is dropped unrecorded (a resumed run redoes it from the start)."""
+
+
+def check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise RoundStopped
+
+
+class _Ticker:
+    """Counts finished steps of one stage across worker threads and reports each count once, in order."""
+
+    def __init__(self, on_progress: Progress | None, rnd: int, stage: str, total: int) -> None:
+        self.on_progress, self.info, self.done = on_progress, {"round": rnd, "stage": stage, "total": total}, 0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> None:
+        if self.on_progress is None:
+            return
+        with self.lock:
+            self.done += 1
+            self.on_progress({**self.info, "done": self.done})
+
+
 # --------------------------------------------------------------------------- clients
 
 @dataclass
@@ -198,8 +238,12 @@ class ClientUpdate:
 
 def local_train(model: nn.Module, split: "data.EncodedSplit", epochs: int, batch_size: int, lr: float,
                 max_grad_norm: float, seed: int, pad_id: int,
-                recorder: align.ActivationRecorder | None = None, dropout: bool = False) -> None:
+                recorder: align.ActivationRecorder | None = None, dropout: bool = False,
+                stop: threading.Event | None = None, on_batch: Callable[[], None] | None = None) -> None:
     """E epochs of AdamW on the client's shard (fresh optimiser, constant lr within the round).
+
+    ``stop`` is checked before every batch (raising :class:`RoundStopped`), so Stop takes effect within one
+    client step; ``on_batch()`` is called after every step (progress).
 
     ``dropout=False`` trains in eval mode: no dropout anywhere, so a client's update is a pure function of its
     inputs. Drawing dropout masks (``bernoulli_``) costs about a fifth of a CPU training step at this size.
@@ -212,6 +256,7 @@ def local_train(model: nn.Module, split: "data.EncodedSplit", epochs: int, batch
     device = model_device(model)
     for epoch in range(epochs):
         for batch in data.iterate_batches(split, batch_size, shuffle=True, seed=seed + epoch, pad_id=pad_id):
+            check_stop(stop)
             batch = to_device(batch, device)
             if recorder is not None:
                 recorder.set_mask(batch.get("attention_mask"))
@@ -222,12 +267,15 @@ def local_train(model: nn.Module, split: "data.EncodedSplit", epochs: int, batch
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
+            if on_batch is not None:
+                on_batch()
     model.eval()
 
 
 def client_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int,
                   global_state: dict[str, torch.Tensor], record_stats: bool,
-                  device: nn.Module | None = None) -> ClientUpdate:
+                  device: nn.Module | None = None, stop: threading.Event | None = None,
+                  on_batch: Callable[[], None] | None = None) -> ClientUpdate:
     """One client's round: load the global adapter into a device proxy, train, return the update."""
     t0 = time.perf_counter()
     model = device if device is not None else setup.devices[0]
@@ -236,7 +284,8 @@ def client_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd:
     recorder = align.ActivationRecorder(model, setup.compressed) if record_stats and setup.compressed else None
     with recorder if recorder is not None else contextlib.nullcontext():
         local_train(model, shard, cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd), cfg.max_grad_norm,
-                    client_seed(cfg, rnd, client), ws.pad_id, recorder, dropout=cfg.dropout)
+                    client_seed(cfg, rnd, client), ws.pad_id, recorder, dropout=cfg.dropout, stop=stop,
+                    on_batch=on_batch)
     state = to_fm_names(adapters.adapter_state(model), setup.proxy_layers)
     return ClientUpdate(client, state, len(shard), recorder.stats if recorder else {}, time.perf_counter() - t0)
 
@@ -247,7 +296,7 @@ def client_seed(cfg: FedConfig, rnd: int, client: int) -> int:
 
 
 def fm_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int,
-              global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+              global_state: dict[str, torch.Tensor], stop: threading.Event | None = None) -> dict[str, torch.Tensor]:
     """``client``'s round replayed on the FM itself: same start, data order, lr and steps (the update disparity,
     labs/METHOD.md#measurements).
 
@@ -256,21 +305,25 @@ def fm_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int
     model = setup.trainable_fm()
     adapters.load_adapter_state(model, global_state)
     local_train(model, ws.train.subset(ws.parts[client]), cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd),
-                cfg.max_grad_norm, client_seed(cfg, rnd, client), ws.pad_id, dropout=cfg.dropout)
+                cfg.max_grad_norm, client_seed(cfg, rnd, client), ws.pad_id, dropout=cfg.dropout, stop=stop)
     return adapters.adapter_state(model)
 
 
 def train_clients(cfg: FedConfig, setup: Setup, ws: Workspace, clients: list[int], rnd: int,
                   global_state: dict[str, torch.Tensor], record_stats: bool,
-                  workers: int | None = None, extra: list[Callable[[], object]] | None = None) -> list:
+                  workers: int | None = None, extra: list[Callable[[], object]] | None = None,
+                  stop: threading.Event | None = None, on_progress: Progress | None = None) -> list:
     """Every sampled client's round, up to ``workers`` clients at a time, each on one thread with its own
     device proxy (see :mod:`fedpft_lab.parallel`); the updates do not depend on ``workers``.
 
     ``extra`` jobs (the FM replay of the update disparity) share the same workers; their results follow the
     clients' updates in the returned list. With ``cfg.dropout`` everything takes turns: dropout masks come from
-    torch's one global random generator.
+    torch's one global random generator. ``stop`` / ``on_progress``: see :func:`local_train` and :data:`Progress`
+    (one tick per client batch).
     """
     extra = extra or []
+    steps = sum(cfg.local_epochs * -(-len(ws.parts[k]) // cfg.batch_size) for k in clients)
+    tick = _Ticker(on_progress, rnd, "train", steps)
     workers = (1 if cfg.dropout or not side_by_side(ws.device)   # on a GPU: one after another, one device proxy
                else max(1, min(workers or parallel.default_workers(), len(clients) + len(extra))))
     free: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
@@ -281,7 +334,7 @@ def train_clients(cfg: FedConfig, setup: Setup, ws: Workspace, clients: list[int
         def train() -> ClientUpdate:
             device = free.get()
             try:
-                return client_update(cfg, setup, ws, client, rnd, global_state, record_stats, device)
+                return client_update(cfg, setup, ws, client, rnd, global_state, record_stats, device, stop, tick)
             finally:
                 free.put(device)
         return train
@@ -342,7 +395,8 @@ def _discrepancy(setup: Setup, ws: Workspace) -> dict:
 
 
 def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor], workers: int | None = None,
-             fm: bool = True) -> dict:
+             fm: bool = True, stop: threading.Event | None = None, on_progress: Progress | None = None,
+             rnd: int = 0, stage: str = "evaluate") -> dict:
     """The round's measurements of ``global_state``: plug-in accuracy of the FM (``fm=False`` skips it), the
     proxy's own accuracy and the gradient discrepancy between the two.
 
@@ -350,6 +404,7 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     against 600 training examples through the proxy), so it runs side by side like the clients: one job per
     probe batch of the discrepancy, and the test batches dealt out in small chunks per model. Every job is
     single-threaded and the parts are combined in a fixed order, so the numbers do not depend on ``workers``.
+    ``stop`` is checked before each job (:class:`RoundStopped`); ``on_progress`` hears of each finished job.
     """
     setup.load_global(global_state, fm=fm)  # before the jobs start: they share these models read-only
     workers = max(1, workers or parallel.default_workers()) if side_by_side(ws.device) else 1
@@ -367,6 +422,9 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
             if ws.test_batches[i::n_chunks]:
                 jobs.append(functools.partial(count_correct, model, ws.test_batches[i::n_chunks]))
                 keys.append(key)
+    if stop is not None or on_progress is not None:
+        tick = _Ticker(on_progress, rnd, stage, len(jobs))
+        jobs = [functools.partial(_checked_job, job, stop, tick) for job in jobs]
     results = parallel.run_jobs(jobs, workers)
     terms = [r for k, r in zip(keys, results) if k == "probe"]
     with parallel.single_threaded_ops():  # its float64 reductions would otherwise round with the thread count
@@ -377,6 +435,13 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     if setup.proxy_is_fm and fm:
         out["sub_accuracy"] = out["accuracy"]
     return out
+
+
+def _checked_job(job: Callable[[], object], stop: threading.Event | None, tick: Callable[[], None]) -> object:
+    check_stop(stop)
+    result = job()
+    tick()
+    return result
 
 
 _atomic_json = io.atomic_json  # the old name, still imported by compare and cli
@@ -452,21 +517,26 @@ def summary(cfg: FedConfig, setup: Setup, records: list[dict], ws: Workspace | N
 
 def run(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike | None = None,
         resume: bool = False, progress: bool = True, stop: threading.Event | None = None,
-        on_round: Callable[[dict], None] | None = None, workers: int | None = None) -> dict:
+        on_round: Callable[[dict], None] | None = None, workers: int | None = None,
+        on_progress: Progress | None = None) -> dict:
     """Run ``cfg`` to the end (or until ``stop`` is set) and return the metrics dict (see :func:`summary`).
 
     ``workers``: clients trained at the same time (default: one per CPU core); results do not depend on it.
+    ``on_round`` hears of every round of the result, in order: a resumed run first reports those it had kept.
+    ``on_progress``: progress inside each round (see :data:`Progress`), for a live progress bar.
     """
     result: dict = {}
-    for result in iterate(cfg, ws, out_dir, resume, progress, stop, workers):
-        if on_round is not None:
-            on_round(result["rounds"][-1])
+    reported = 0
+    for result in iterate(cfg, ws, out_dir, resume, progress, stop, workers, on_progress):
+        for record in result["rounds"][reported:] if on_round is not None else ():
+            on_round(record)
+        reported = len(result["rounds"])
     return result
 
 
 def cached_run(cfg: FedConfig, ws: Workspace | None = None, progress: bool = True,
                stop: threading.Event | None = None, on_round: Callable[[dict], None] | None = None,
-               workers: int | None = None) -> dict:
+               workers: int | None = None, on_progress: Progress | None = None) -> dict:
     """:func:`run` with its results kept under the cache, keyed by the configuration.
 
     The labs call this so a run finished in one notebook (or an interrupted one) is reused, not redone:
@@ -493,16 +563,17 @@ def cached_run(cfg: FedConfig, ws: Workspace | None = None, progress: bool = Tru
         if io.read_cache(out / "checkpoint.pt", io.load_torch, what, _is_checkpoint) is None and done.exists():
             io.move_aside(done, "orphaned")  # metrics without their checkpoint cannot be continued: redo the run
         return run(cfg, ws, out_dir=out, resume=True, progress=progress, stop=stop, on_round=on_round,
-                   workers=workers)
+                   workers=workers, on_progress=on_progress)
 
 
 def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike | None = None,
             resume: bool = False, progress: bool = True, stop: threading.Event | None = None,
-            workers: int | None = None) -> Iterator[dict]:
+            workers: int | None = None, on_progress: Progress | None = None) -> Iterator[dict]:
     """The round loop as a generator: yields the metrics dict after every round (round 0 = before FL).
 
     With ``out_dir``, ``metrics.json`` and ``checkpoint.pt`` are rewritten atomically after every round, so an
-    interrupted run keeps everything it finished and ``resume=True`` continues it bit for bit.
+    interrupted run keeps everything it finished and ``resume=True`` continues it bit for bit. ``stop`` is
+    checked between client steps: the round it interrupts is dropped (neither yielded nor saved).
     """
     t_enter = time.perf_counter()
     if workers is not None:
@@ -514,10 +585,11 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     blob = _read_checkpoint(out, cfg) if resume and out is not None else None  # before any long work
-    setup = build_setup(cfg, ws, progress=progress, stop=stop)
+    setup = build_setup(cfg, ws, progress=progress, stop=stop, on_progress=on_progress)
     state = RunState(0, dict(setup.init_state), {}, {}, {}, [])
     if blob is not None:
         state = _load_checkpoint(blob, setup)
+    _Ticker(on_progress, state.next_round, "setup", 1)()    # models built: the first sign of life of a run
     schedule = sample_clients(cfg)
     startup = startup_times(t_enter)
     from tqdm.auto import tqdm
@@ -534,7 +606,11 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
             if stop is not None and stop.is_set():
                 break
             rnd = state.next_round
-            record = _round(cfg, setup, ws, state, rnd, schedule[rnd - 1] if rnd > 0 else [], workers)
+            try:
+                record = _round(cfg, setup, ws, state, rnd, schedule[rnd - 1] if rnd > 0 else [], workers, stop,
+                                on_progress)
+            except RoundStopped:   # the half-done round's in-memory state dies with this generator
+                break
             state.records.append(record)
             state.next_round += 1
             metrics = summary(cfg, setup, state.records, ws, startup)
@@ -558,7 +634,8 @@ def startup_times(t_enter: float) -> dict:
 
 
 def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: int, clients: list[int],
-           workers: int | None = None) -> dict:
+           workers: int | None = None, stop: threading.Event | None = None,
+           on_progress: Progress | None = None) -> dict:
     """One communication round (``rnd == 0``: evaluate A_0 only, the reference point of every curve)."""
     t0 = time.perf_counter()
     record: dict = {"round": rnd, "clients": clients, "lr": cfg.lr_at(rnd) if rnd else 0.0, "aligned": False,
@@ -574,9 +651,10 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
         aligning = cfg.aligns_in(rnd)
         measure = cfg.measure_update and not setup.proxy_is_fm
         start = state.global_state
-        extra = [functools.partial(fm_update, cfg, setup, ws, clients[0], rnd, start)] if measure else []
+        extra = [functools.partial(fm_update, cfg, setup, ws, clients[0], rnd, start, stop)] if measure else []
         t_train = time.perf_counter()
-        results = train_clients(cfg, setup, ws, clients, rnd, start, aligning, workers, extra=extra)
+        results = train_clients(cfg, setup, ws, clients, rnd, start, aligning, workers, extra=extra, stop=stop,
+                                on_progress=on_progress)
         updates: list[ClientUpdate] = results[:len(clients)]
         record["train_seconds"] = time.perf_counter() - t_train  # wall time; client_seconds adds up every client's
         adapter_down = adapters.nbytes(to_proxy_names(start, setup.proxy_layers))
@@ -589,13 +667,16 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
             record.update(update_client=clients[0], update_cosine=cos, update_rel_l2=rel)
         state.global_state = adapters.fedavg([u.adapter for u in updates], [u.num_examples for u in updates])
     t_eval = time.perf_counter()
-    record.update(evaluate(setup, ws, state.global_state, workers))
+    record.update(evaluate(setup, ws, state.global_state, workers, stop=stop, on_progress=on_progress, rnd=rnd))
     record["eval_seconds"] = time.perf_counter() - t_eval
     if rnd > 0 and cfg.aligns_in(rnd):
         t_align = time.perf_counter()
         stats = align.merge_stats([u.stats for u in updates])
         updated = align.choose_updated(stats, cfg.align_proportion, cfg.align_rule, seed=cfg.seed + rnd)
-        result = align.align_neurons(setup.fm, setup.server_proxy, ws.public, updated, cfg.align_config(rnd))
+        tick = _Ticker(on_progress, rnd, "align", cfg.align_steps)
+        result = align.align_neurons(setup.fm, setup.server_proxy, ws.public, updated, cfg.align_config(rnd),
+                                     on_step=lambda step, loss: tick(), stop=stop)
+        check_stop(stop)
         state.package = align.weight_package(models.unwrap(setup.server_proxy), updated)
         state.alignments.append({int(layer): idx.tolist() for layer, idx in updated.items()})
         record["aligned"] = True
@@ -603,7 +684,8 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
         record["align_seconds"] = time.perf_counter() - t_align
         before = {k: record[k] for k in ("grad_cosine", "grad_rel_l2", "layer_cosine", "sub_accuracy")}
         record["before_align"] = before
-        record.update(evaluate(setup, ws, state.global_state, workers, fm=False))
+        record.update(evaluate(setup, ws, state.global_state, workers, fm=False, stop=stop, on_progress=on_progress,
+                               rnd=rnd, stage="evaluate aligned"))
     record["seconds"] = time.perf_counter() - t0
     return record
 

@@ -10,6 +10,8 @@ dotted vertical line and a diamond marker, because that is where FedPFT's gradie
 """
 from __future__ import annotations
 
+import math
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -19,6 +21,11 @@ from .errors import ConfigError
 
 TEMPLATE = "plotly_white"
 ALIGN_COLOUR = "rgba(120, 120, 120, 0.6)"
+HEATMAP_ALIGN_LINE = dict(color="black", dash="dash", width=2.5)   # must read on both ends of a diverging scale
+# Plotly never wraps a title: a long one runs off the figure's edge. 56 characters of the title font fit in the
+# 700-px default width of a FigureWidget with the template's left offset, in the widest common sans fonts.
+TITLE_CHARS = 56
+TOP_MARGIN, TITLE_LINE = 60, 22
 
 # Axis titles a participant can read without knowing our variable names.
 KEY_LABELS: Mapping[str, str] = {
@@ -42,10 +49,42 @@ def label_for(key: str) -> str:
     return KEY_LABELS.get(key, key.replace("_", " "))
 
 
-def _layout(fig: go.Figure, title: str, xaxis: str, yaxis: str, **extra) -> go.Figure:
-    fig.update_layout(template=TEMPLATE, title=title, xaxis_title=xaxis, yaxis_title=yaxis,
-                      margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.2), **extra)
+def wrap_title(text: str, width: int = TITLE_CHARS) -> str:
+    """``text`` broken at spaces into lines of at most ``width`` characters (``<br>``); explicit breaks stay."""
+    if "<br>" in text:
+        return text
+    return "<br>".join(textwrap.wrap(text, width, break_on_hyphens=False)) or text
+
+
+def set_title(fig: go.Figure, text: str) -> go.Figure:
+    """Set a (wrapped) title and make room for its lines; live panels use it for titles that carry numbers."""
+    wrapped = wrap_title(text)
+    fig.update_layout(title_text=wrapped, margin_t=TOP_MARGIN + TITLE_LINE * wrapped.count("<br>"))
     return fig
+
+
+def count_axis(fig: go.Figure, last: int | None = None, fixed: bool = False) -> go.Figure:
+    """Whole-number ticks on an x axis that counts (rounds, steps): left alone, plotly labels a 2-round run
+    0, 0.5, 1, 1.5, 2. About ten ticks up to ``last``.
+
+    ``fixed``: also pin the range to 0..``last`` (a live figure whose length is known at Start), so the axis does
+    not rescale with every new point.
+    """
+    step = max(1, math.ceil(last / 10)) if last else 1
+    fig.update_xaxes(tick0=0, dtick=step)
+    if fixed and last:
+        fig.update_xaxes(range=[-0.25, last + 0.25])
+    return fig
+
+
+def _last_round(rounds: Sequence[Mapping]) -> int:
+    return max((r.get("round", i) for i, r in enumerate(rounds)), default=0)
+
+
+def _layout(fig: go.Figure, title: str, xaxis: str, yaxis: str, **extra) -> go.Figure:
+    fig.update_layout(template=TEMPLATE, xaxis_title=xaxis, yaxis_title=yaxis,
+                      margin=dict(l=60, r=20, t=TOP_MARGIN, b=50), legend=dict(orientation="h", y=-0.2), **extra)
+    return set_title(fig, title)
 
 
 def _check_counts(counts: np.ndarray, label_names: Sequence[str]) -> np.ndarray:
@@ -165,13 +204,14 @@ def _aligned_rounds(rounds: Sequence[Mapping]) -> list:
     return [r.get("round", i) for i, r in enumerate(rounds) if r.get("aligned")]
 
 
-def alignment_line(x: float) -> dict:
+def alignment_line(x: float, line: Mapping | None = None) -> dict:
     """A dotted full-height vertical line at round ``x`` (a layout shape; ``fig.add_shape(**alignment_line(x))``).
 
     Spelled out instead of ``add_vline`` because that helper fails inside a FigureWidget ``batch_update``.
+    ``line`` overrides the style (a heatmap needs a bolder one than the faint grey that suits a white plot).
     """
-    return dict(type="line", x0=x, x1=x, xref="x", y0=0, y1=1, yref="y domain",
-                line=dict(color=ALIGN_COLOUR, dash="dot", width=1))
+    return dict(type="line", x0=x, x1=x, xref="x", y0=0, y1=1, yref="y domain", layer="above",
+                line=dict(line) if line is not None else dict(color=ALIGN_COLOUR, dash="dot", width=1))
 
 
 def _mark_alignments(fig: go.Figure, rounds: Sequence[Mapping], key: str | None) -> None:
@@ -202,7 +242,7 @@ def round_curves(rounds: Sequence[Mapping], keys: Sequence[str] = ("accuracy", "
     _mark_alignments(fig, rounds, present[0])
     if ylabel is None:
         ylabel = label_for(present[0]) if len(present) == 1 else "value"
-    return _layout(fig, title, "round", ylabel)
+    return count_axis(_layout(fig, title, "round", ylabel), _last_round(rounds))
 
 
 def add_reference_curve(fig: go.Figure, rounds: Sequence[Mapping], key: str = "accuracy",
@@ -214,9 +254,10 @@ def add_reference_curve(fig: go.Figure, rounds: Sequence[Mapping], key: str = "a
 
 
 def empty_round_curves(keys: Sequence[str] = ("accuracy", "sub_accuracy"), title: str = "Per-round metrics",
-                       ylabel: str | None = None) -> go.Figure:
+                       ylabel: str | None = None, rounds: int | None = None) -> go.Figure:
     """The figure ``round_curves`` would draw, with no rounds yet: one empty line per key, then the
-    alignment-marker trace. A RunPanel fills it live with ``widgets.round_curve_updater(keys)``."""
+    alignment-marker trace. A RunPanel fills it live with ``widgets.round_curve_updater(keys)``; ``rounds``
+    fixes the x range in advance (see :func:`count_axis`)."""
     if not keys:
         raise ConfigError("keys must name at least one metric")
     fig = go.Figure([go.Scatter(x=[], y=[], mode="lines+markers", name=label_for(k)) for k in keys])
@@ -224,7 +265,7 @@ def empty_round_curves(keys: Sequence[str] = ("accuracy", "sub_accuracy"), title
                              marker=dict(symbol="diamond", size=10, color="black")))
     if ylabel is None:
         ylabel = label_for(keys[0]) if len(keys) == 1 else "value"
-    return _layout(fig, title, "round", ylabel)
+    return count_axis(_layout(fig, title, "round", ylabel), rounds, fixed=True)
 
 
 def layer_bars(layers: Sequence[Mapping], key: str, title: str | None = None) -> go.Figure:
@@ -249,7 +290,8 @@ def method_comparison(results: Mapping[str, Sequence[Mapping]], key: str = "accu
     for method, rounds in results.items():
         fig.add_trace(go.Scatter(x=[r.get("round", i) for i, r in enumerate(rounds)],
                                  y=_column(rounds, key), mode="lines+markers", name=method))
-    return _layout(fig, title or f"{label_for(key)} by method", "round", label_for(key))
+    return count_axis(_layout(fig, title or f"{label_for(key)} by method", "round", label_for(key)),
+                      max(_last_round(r) for r in results.values()))
 
 
 # ----------------------------------------------------------------------------- lab 02: building a sub-FM
@@ -272,12 +314,27 @@ def param_bars(counts: Mapping[str, int], title: str = "Transformer parameters a
     return _layout(fig, title, "model", "parameters (Mi = 2^20)")
 
 
+def saliency_legend(kept: Sequence[np.ndarray]) -> list[bool]:
+    """``showlegend`` of each trace of :func:`saliency_histograms` (layer order; kept, dropped per layer).
+
+    One legend entry per kind, on the first layer whose trace of that kind has neurons: plotly leaves an empty
+    trace out of the legend, so an entry on a retained layer (nothing dropped) would never show.
+    """
+    flags = [False] * (2 * len(kept))
+    for offset, has in ((0, lambda m: m.any()), (1, lambda m: (~m).any())):
+        first = next((k for k, m in enumerate(kept) if has(np.asarray(m, dtype=bool))), None)
+        if first is not None:
+            flags[2 * first + offset] = True
+    return flags
+
+
 def saliency_histograms(saliencies: Mapping[int, np.ndarray], kept: Mapping[int, np.ndarray], bins: int = 40,
                         title: str = "FFN neuron saliency per layer (kept vs dropped)") -> go.Figure:
     """One small histogram per layer: kept neurons in colour, dropped ones in grey, stacked.
 
     Trace order is fixed (layer 0 kept, layer 0 dropped, layer 1 kept, ...), and every layer uses the same bin
-    edges for both traces, so a live panel can rewrite ``x`` of traces 2i and 2i+1 when the keep ratio changes.
+    edges for both traces, so a live panel can rewrite ``x`` of traces 2i and 2i+1 when the keep ratio changes
+    (and ``showlegend`` from :func:`saliency_legend`).
     """
     from plotly.subplots import make_subplots
 
@@ -287,7 +344,8 @@ def saliency_histograms(saliencies: Mapping[int, np.ndarray], kept: Mapping[int,
     cols = min(3, len(layers_))
     rows = -(-len(layers_) // cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"layer {i}" for i in layers_],
-                        horizontal_spacing=0.06, vertical_spacing=0.12)
+                        horizontal_spacing=0.08, vertical_spacing=0.16)
+    legend = saliency_legend([kept[i] for i in layers_])
     for n, i in enumerate(layers_):
         s = np.asarray(saliencies[i], dtype=np.float64)
         mask = np.asarray(kept[i], dtype=bool)
@@ -295,11 +353,13 @@ def saliency_histograms(saliencies: Mapping[int, np.ndarray], kept: Mapping[int,
         xbins = dict(start=lo, end=hi + 1e-9, size=max((hi - lo) / bins, 1e-9))
         r, c = n // cols + 1, n % cols + 1
         fig.add_trace(go.Histogram(x=s[mask], xbins=xbins, name="kept", marker_color="#dd8452",
-                                   legendgroup="kept", showlegend=n == 0), row=r, col=c)
+                                   legendgroup="kept", showlegend=legend[2 * n]), row=r, col=c)
         fig.add_trace(go.Histogram(x=s[~mask], xbins=xbins, name="dropped", marker_color="#bbbbbb",
-                                   legendgroup="dropped", showlegend=n == 0), row=r, col=c)
-    fig.update_layout(barmode="stack", height=260 * rows)
-    return _layout(fig, title, "", "")
+                                   legendgroup="dropped", showlegend=legend[2 * n + 1]), row=r, col=c)
+    fig.update_layout(barmode="stack", height=280 * rows)
+    _layout(fig, title, "", "")
+    fig.update_xaxes(title_text="saliency", row=rows)
+    return fig.update_yaxes(title_text="neurons", col=1)
 
 
 def grouped_layer_bars(series: Mapping[str, Sequence[float | None]], title: str, ylabel: str,
@@ -359,7 +419,8 @@ def discrepancy_curves(results: Mapping[str, Sequence[Mapping]], key: str = "gra
                                      marker=dict(symbol="diamond", size=10, color="black")))
             for r in events:
                 fig.add_shape(**alignment_line(r["round"]))
-    return _layout(fig, title or f"{label_for(key)} over rounds", "round", label_for(key))
+    return count_axis(_layout(fig, title or f"{label_for(key)} over rounds", "round", label_for(key)),
+                      max(_last_round(r) for r in results.values()))
 
 
 def layer_heatmap(matrix: np.ndarray, rounds: Sequence[int], title: str, zlabel: str = "cosine",
@@ -373,17 +434,19 @@ def layer_heatmap(matrix: np.ndarray, rounds: Sequence[int], title: str, zlabel:
                                colorscale="RdBu", colorbar=dict(title=zlabel),
                                hovertemplate="round %{x}, layer %{y}: %{z:.3f}<extra></extra>"))
     for x in aligned:
-        fig.add_shape(**alignment_line(x))
+        fig.add_shape(**alignment_line(x, HEATMAP_ALIGN_LINE))
     fig.update_yaxes(dtick=1)
-    return _layout(fig, title, "round", "layer")
+    return count_axis(_layout(fig, title, "round", "layer"), max(rounds, default=0))
 
 
-def empty_method_curves(names: Sequence[str], key: str = "accuracy", title: str | None = None) -> go.Figure:
+def empty_method_curves(names: Sequence[str], key: str = "accuracy", title: str | None = None,
+                        rounds: int | None = None) -> go.Figure:
     """One empty line per run name, for ``widgets.method_curve_updater`` (trace order = ``names``)."""
     if not names:
         raise ConfigError("names must list at least one run")
     fig = go.Figure([go.Scatter(x=[], y=[], mode="lines+markers", name=n) for n in names])
-    return _layout(fig, title or f"{label_for(key)} by method", "round", label_for(key))
+    return count_axis(_layout(fig, title or f"{label_for(key)} by method", "round", label_for(key)), rounds,
+                      fixed=True)
 
 
 # ----------------------------------------------------------------------------- lab 06: cost per method

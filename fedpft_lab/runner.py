@@ -5,6 +5,8 @@ The work is an ordinary function ``work(stop, emit) -> result``:
 * ``stop`` is a ``threading.Event``; the work checks ``stop.is_set()`` between steps (rounds, batches) and
   returns early when it is set. Nothing is killed from outside, so the work always leaves consistent state.
 * ``emit(event)`` reports progress as a small dict, e.g. ``{"round": 3, "accuracy": 0.81, "progress": 0.3}``.
+  It may be called from several threads (e.g. the worker threads of a round's clients); events are handled
+  one at a time.
 
 ``BackgroundRun.start()`` runs the work in a daemon thread (the live, interactive path); ``run_blocking()`` runs
 the very same function in the calling thread (the headless path papermill and the tests use, because a
@@ -48,6 +50,7 @@ class BackgroundRun:
         self._thread: threading.Thread | None = None
         self._active = False              # True from start() until the work has returned (before on_done)
         self._lock = threading.Lock()
+        self._emit_lock = threading.RLock()  # work may emit from several worker threads (clients side by side)
 
     # --- wiring -------------------------------------------------------------------------------------------
     def on_event(self, callback: Callable[[Event], None]) -> None:
@@ -114,9 +117,10 @@ class BackgroundRun:
     def _emit(self, event: Event) -> None:
         if not isinstance(event, dict):
             raise ConfigError(f"emit() takes a dict, got {type(event).__name__}")
-        self.events.append(event)
-        for callback in list(self._event_callbacks):
-            callback(event)
+        with self._emit_lock:           # one event at a time: callbacks update widgets, which are not thread-safe
+            self.events.append(event)
+            for callback in list(self._event_callbacks):
+                callback(event)
 
     def _execute(self) -> None:
         started = time.perf_counter()

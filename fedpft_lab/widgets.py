@@ -22,10 +22,22 @@ from collections.abc import Callable, Mapping, Sequence
 import ipywidgets as w
 import numpy as np
 import plotly.graph_objects as go
+from ipywidgets.widgets.widget_description import DescriptionWidget
 
 from . import convex, partition, plots
 from .errors import ConfigError
 from .runner import BackgroundRun, Event, Work
+
+
+def fit_descriptions(controls: Sequence[w.Widget]) -> None:
+    """Show every control's description in full: ipywidgets gives it a fixed width and cuts the rest
+    ("weight ter…", "proportio…"); a checkbox also reserves an empty label column and a 300-px box."""
+    for control in controls:
+        if isinstance(control, w.Checkbox):
+            control.indent = False
+            control.layout.width = "auto"
+        elif isinstance(control, DescriptionWidget):
+            control.style.description_width = "initial"
 
 
 class Panel(w.VBox):
@@ -33,6 +45,7 @@ class Panel(w.VBox):
 
     def __init__(self, controls: Mapping[str, w.Widget], figs: Mapping[str, go.FigureWidget],
                  readout: w.HTML, title: str = "") -> None:
+        fit_descriptions(list(controls.values()))
         header = [w.HTML(f"<b>{html.escape(title)}</b>")] if title else []
         super().__init__(header + [w.HBox(list(controls.values()), layout=w.Layout(flex_flow="row wrap")),
                                    readout, *figs.values()])
@@ -101,6 +114,7 @@ class RunPanel(w.VBox):
             raise ConfigError("on_event must be callable as on_event(event, figs)")
         self.figs = [f if isinstance(f, go.FigureWidget) else go.FigureWidget(f) for f in figs]
         self.controls = list(controls)
+        fit_descriptions(self.controls)
         self.on_start = on_start
         self.on_event_update = on_event
         self.start_button = w.Button(description="Start", button_style="success", icon="play")
@@ -118,10 +132,10 @@ class RunPanel(w.VBox):
                                    row, self.status, *self.figs])
 
     def _set_running(self, running: bool) -> None:
+        for control in self.controls:           # controls first: Start is clickable only once they are free
+            control.disabled = running
         self.start_button.disabled = running
         self.stop_button.disabled = not running
-        for control in self.controls:
-            control.disabled = running
 
     def start(self) -> None:
         """What the Start button does: reset figures, lock controls, launch the work in a thread."""
@@ -381,10 +395,13 @@ def subfm_explorer(fm, saliencies: Mapping[int, np.ndarray], keep_ratio: float =
         fresh = plots.param_bars(names_counts(counts)).data[0]
         with _batch([bars, hists]):
             bars.data[0].update(y=fresh.y, text=fresh.text)
-            for k, i in enumerate(sorted(saliencies)):
+            layers = sorted(saliencies)
+            for k, i in enumerate(layers):
                 s = np.asarray(saliencies[i])
                 hists.data[2 * k].x = s[masks[i]]
                 hists.data[2 * k + 1].x = s[~masks[i]]
+            for trace, shown in zip(hists.data, plots.saliency_legend([masks[i] for i in layers])):
+                trace.showlegend = shown
         readout.value = summary(counts, masks)
 
     for control in controls.values():
@@ -413,6 +430,48 @@ def _progress_status(record: Mapping, rounds: int, prefix: str = "") -> str:
     return ", ".join(parts)
 
 
+# Where each stage of a round sits on the progress bar (share of the round), and how the status line names it
+# (with the count's unit, if any). A round's clients take most of its time; round 0 distils the sub-FM (unless
+# it is cached), builds the models and evaluates A_0. ``setup`` in a later round: a resumed run is ready.
+_STAGES: Mapping[str, tuple[float, float, str, str]] = {
+    "setup": (0.0, 0.0, "resuming", ""),
+    "train": (0.0, 0.6, "clients training", "batches"),
+    "evaluate": (0.6, 0.9, "evaluating", "jobs"),
+    "align": (0.9, 0.95, "aligning the sub-FM", "steps"),
+    "evaluate aligned": (0.95, 1.0, "re-measuring the aligned sub-FM", "jobs"),
+}
+_ROUND_0: Mapping[str, tuple[float, float, str, str]] = {
+    "distill": (0.0, 0.45, "distilling the sub-FM", "steps"),
+    "setup": (0.45, 0.5, "models ready", ""),
+    "evaluate": (0.5, 1.0, "evaluating the initial adapter", "jobs"),
+}
+
+
+def run_progress(rounds: int, start: float = 0.0, span: float = 1.0, prefix: str = "",
+                 ) -> tuple[Callable[[dict], Event], Callable[[dict], Event]]:
+    """Two functions that turn one federated run's reports into panel events: ``of_step(info)`` for the
+    ``on_progress`` reports inside a round, ``of_round(record)`` for finished rounds (``on_round``).
+
+    The run's share of the bar is ``start .. start + span`` (several runs in one panel), split into ``rounds + 1``
+    equal parts (round 0 is the evaluation before FL); so the bar moves with every client batch, not every round.
+    """
+    def position(rnd: int, within: float) -> float:
+        return start + span * (rnd + within) / (rounds + 1)
+
+    def of_step(info: dict) -> Event:
+        lo, hi, what, unit = (_ROUND_0 if info["round"] == 0 else _STAGES)[info["stage"]]
+        done, total = info["done"], max(1, info["total"])
+        count = f" ({done}/{total} {unit})" if unit else ""
+        return {"progress": position(info["round"], lo + (hi - lo) * done / total),
+                "status": f"{prefix}round {info['round']}/{rounds}: {what}{count}"}
+
+    def of_round(record: dict) -> Event:
+        return {**record, "progress": position(record["round"], 1.0),
+                "status": _progress_status(record, rounds, prefix)}
+
+    return of_step, of_round
+
+
 def construction_panel(fm, batches: Sequence[Mapping], explorer: Panel, lora=None, seed: int = 0) -> RunPanel:
     """Lab 02: rebuild both proxies for the explorer's keep ratio and retained layers, then measure each
     against the FM (per-layer gradient cosine and hidden-state gap). Seconds of work, so behind a button."""
@@ -421,15 +480,26 @@ def construction_panel(fm, batches: Sequence[Mapping], explorer: Panel, lora=Non
     n = models.num_layers(fm)
     names = ["layer-wise sub-FM", "layer-drop proxy"]
     empty = {name: [None] * n for name in names}
-    cos_fig = plots.grouped_layer_bars(empty, "Adapter-gradient cosine with the FM, per layer", "cosine")
+    cos_title = "Adapter-gradient cosine with the FM, per layer"
+    cos_fig = plots.grouped_layer_bars(empty, cos_title, "cosine")
     gap_fig = plots.grouped_layer_bars(empty, "Hidden-state gap to the FM (relative MSE), per layer",
                                        "relative MSE")
 
+    class Stopped(Exception):
+        pass
+
     def work(stop, emit):
+        def on_progress(text: str, frac: float) -> None:
+            if stop.is_set():              # the measurement has no steps of its own: stop between its phases
+                raise Stopped
+            emit({"status": text, "progress": frac})
+
         retained = tuple(explorer.controls["retained"].value)
-        report = lab_helpers.compare_constructions(
-            fm, batches, explorer.controls["keep_ratio"].value, retained, lora=lora, seed=seed,
-            on_progress=lambda text, frac: emit({"status": text, "progress": frac}))
+        try:
+            report = lab_helpers.compare_constructions(fm, batches, explorer.controls["keep_ratio"].value, retained,
+                                                       lora=lora, seed=seed, on_progress=on_progress)
+        except Stopped:
+            return None
         emit({"report": report})
         return report
 
@@ -441,13 +511,14 @@ def construction_panel(fm, batches: Sequence[Mapping], explorer: Panel, lora=Non
             for trace, values in zip(fig.data, lab_helpers.construction_series(report, key, n).values()):
                 trace.y = values
         lw, ld = report["layer-wise"], report["layer-drop"]
-        figs[0].layout.title.text = (f"Gradient cosine with the FM: layer-wise {lw['grad_cosine']:.3f}, "
-                                     f"layer-drop {ld['grad_cosine']:.3f} (keep ratio {report['keep_ratio']:.2f})")
+        plots.set_title(figs[0], f"Gradient cosine with the FM: layer-wise {lw['grad_cosine']:.3f}, "
+                                 f"layer-drop {ld['grad_cosine']:.3f} (keep ratio {report['keep_ratio']:.2f})")
 
     def on_start(figs):
         for fig in figs:
             for trace in fig.data:
                 trace.y = [None] * n
+        plots.set_title(figs[0], cos_title)     # not the last run's numbers while this one runs
 
     return RunPanel(work, on_event, [cos_fig, gap_fig], on_start=on_start,
                     title="Rebuild both proxies and measure them against the FM")
@@ -462,7 +533,7 @@ def distill_panel(ws, sub_cfg, distill_cfg, lora=None, seed: int = 0, max_steps:
     """
     from dataclasses import replace
 
-    from . import lab_helpers, workspace
+    from . import lab_helpers, models, workspace
 
     controls = {
         "steps": w.IntSlider(value=distill_cfg.steps, min=5, max=max(max_steps, distill_cfg.steps), step=5,
@@ -473,13 +544,11 @@ def distill_panel(ws, sub_cfg, distill_cfg, lora=None, seed: int = 0, max_steps:
         "grad": w.Checkbox(value=distill_cfg.weight_term_grad, description="weight term trains (differentiable)"),
         "match_output": w.Checkbox(value=distill_cfg.match_output, description="also match the last layer's output"),
     }
-    from . import models
-
     compressed = list(sub_cfg.compressed(models.num_layers(ws.fm)))
+    gap_title = "Hidden-state gap per compressed layer"
     loss_fig = plots.loss_curve([], title="Layer-level distillation loss (live)")
     gap_fig = plots.grouped_layer_bars({"before": [None] * len(compressed), "after": [None] * len(compressed)},
-                                       "Hidden-state gap per compressed layer", "relative MSE",
-                                       layers=compressed)
+                                       gap_title, "relative MSE", layers=compressed)
 
     def work(stop, emit):
         cfg = replace(distill_cfg, steps=controls["steps"].value, weight_term=controls["weight_term"].value,
@@ -500,14 +569,25 @@ def distill_panel(ws, sub_cfg, distill_cfg, lora=None, seed: int = 0, max_steps:
             extend_trace(figs[0].data[0], [event["step"]], [event["loss"]])
         if "losses" in event:
             figs[0].data[0].x, figs[0].data[0].y = list(range(len(event["losses"]))), event["losses"]
-            figs[1].data[0].y, figs[1].data[1].y = event["gaps_before"], event["gaps_after"]
+            for trace, key in zip(figs[1].data, ("gaps_before", "gaps_after")):
+                trace.x, trace.y = compressed, event[key]      # both: the reset emptied x as well
         if "discrepancy" in event:
             d = event["discrepancy"]
-            figs[1].layout.title.text = (f"Hidden-state gap per compressed layer; plug-in: gradient cosine "
-                                         f"{d['grad_cosine']:.3f}, logit KL {d['logit_kl']:.2e}")
+            plots.set_title(figs[1], f"{gap_title}; plug-in: gradient cosine {d['grad_cosine']:.3f}, "
+                                     f"logit KL {d['logit_kl']:.2e}")
+
+    def on_start(figs):
+        reset_figures(figs)
+        plots.count_axis(figs[0], controls["steps"].value - 1, fixed=True)
+        plots.set_title(figs[1], gap_title)     # a stopped run measures no plug-in gap: drop the last one's
 
     return RunPanel(work, on_event, [loss_fig, gap_fig], controls=list(controls.values()),
-                    on_start=reset_figures, title="Distil the sub-FM")
+                    on_start=on_start, title="Distil the sub-FM")
+
+
+def _count_axes(figs: Sequence[go.FigureWidget], last: int) -> None:
+    for fig in figs:
+        plots.count_axis(fig, last, fixed=True)
 
 
 def fed_run_panel(cfg, ws) -> RunPanel:
@@ -531,23 +611,27 @@ def fed_run_panel(cfg, ws) -> RunPanel:
                                     continuous_update=False),
     }
     keys = ("accuracy", "sub_accuracy")
-    curves = plots.empty_round_curves(keys, title="Accuracy per round (live)", ylabel="accuracy")
-    cost = plots.line_plot([0], {"uploaded by clients": [0.0], "downloaded by clients": [0.0]},
-                           "Cumulative communication (live)", "round", "MB")
+    curves = plots.empty_round_curves(keys, title="Accuracy per round (live)", ylabel="accuracy", rounds=cfg.rounds)
+    cost = plots.count_axis(plots.line_plot([0], {"uploaded by clients": [0.0], "downloaded by clients": [0.0]},
+                                            "Cumulative communication (live)", "round", "MB"), cfg.rounds, fixed=True)
 
     def work(stop, emit):
         data = replace(cfg.data, alpha=controls["alpha"].value)
         run_cfg = replace(cfg, rounds=controls["rounds"].value, sample_fraction=controls["sample_fraction"].value,
                           keep_ratio=controls["keep_ratio"].value, data=data)
+        of_step, of_round = run_progress(run_cfg.rounds)
+        emit({"status": "preparing the clients' data …"})
         run_ws = ws if data == ws.cfg else workspace.prepare(data, fm=ws.fm)
         emit({"status": "building the proxy (distillation is cached after the first time) …"})
-        return federation.cached_run(
-            run_cfg, run_ws, progress=False, stop=stop,
-            on_round=lambda r: emit({**r, "progress": r["round"] / run_cfg.rounds,
-                                     "status": _progress_status(r, run_cfg.rounds)}))
+        return federation.cached_run(run_cfg, run_ws, progress=False, stop=stop,
+                                     on_round=lambda r: emit(of_round(r)), on_progress=lambda i: emit(of_step(i)))
+
+    def on_start(figs):
+        reset_figures(figs)
+        _count_axes(figs, controls["rounds"].value)
 
     update = combine_updaters(round_curve_updater(keys), cumulative_cost_updater(fig_index=1))
-    return RunPanel(work, update, [curves, cost], controls=list(controls.values()), on_start=reset_figures,
+    return RunPanel(work, update, [curves, cost], controls=list(controls.values()), on_start=on_start,
                     title="Run FedPFT")
 
 
@@ -574,8 +658,10 @@ def discrepancy_panel(cfg, ws, baselines: Sequence[str] = ("fedpft-b", "fedpft-n
                                description="compare with"),
     }
     runs = ["fedpft", "baseline"]
-    figs = [plots.empty_method_curves(runs, "grad_cosine", title="Gradient cosine, sub-FM vs FM (live)"),
-            plots.empty_method_curves(runs, "grad_rel_l2", title="Relative L2 error, sub-FM vs FM (live)")]
+    figs = [plots.empty_method_curves(runs, "grad_cosine", title="Gradient cosine, sub-FM vs FM (live)",
+                                      rounds=cfg.rounds),
+            plots.empty_method_curves(runs, "grad_rel_l2", title="Relative L2 error, sub-FM vs FM (live)",
+                                      rounds=cfg.rounds)]
 
     def work(stop, emit):
         knobs = {k: controls[k].value for k in ("rounds", "distill_steps", "align_interval", "align_proportion",
@@ -584,15 +670,16 @@ def discrepancy_panel(cfg, ws, baselines: Sequence[str] = ("fedpft-b", "fedpft-n
             if stop.is_set():
                 break
             run_cfg = replace(cfg, method=method, **knobs)
-            emit({"status": f"{federation.METHOD_NAMES[method]}: building the proxy …"})
-            federation.cached_run(
-                run_cfg, ws, progress=False, stop=stop,
-                on_round=lambda r, i=i, run=run, name=federation.METHOD_NAMES[method]: emit(
-                    {**r, "method": run, "progress": (i + r["round"] / run_cfg.rounds) / 2,
-                     "status": _progress_status(r, run_cfg.rounds, f"{name}: ")}))
+            name = federation.METHOD_NAMES[method]
+            of_step, of_round = run_progress(run_cfg.rounds, start=i / 2, span=1 / 2, prefix=f"{name}: ")
+            emit({"status": f"{name}: building the proxy …"})
+            federation.cached_run(run_cfg, ws, progress=False, stop=stop,
+                                  on_round=lambda r, run=run, of_round=of_round: emit({**of_round(r), "method": run}),
+                                  on_progress=lambda info, of_step=of_step: emit(of_step(info)))
 
     def on_start(live):
         reset_figures(live)
+        _count_axes(live, controls["rounds"].value)
         for fig in live:
             fig.data[0].name = "FedPFT"
             fig.data[1].name = federation.METHOD_NAMES[controls["baseline"].value]
@@ -617,7 +704,7 @@ def methods_panel(cfg, ws, methods: Sequence[str] | None = None) -> RunPanel:
                               continuous_update=False),
     }
     fig = plots.empty_method_curves([federation.METHOD_NAMES[m] for m in all_methods], "accuracy",
-                                    title="FM accuracy (adapter plugged in) by method (live)")
+                                    title="FM accuracy (adapter plugged in) by method (live)", rounds=cfg.rounds)
 
     def work(stop, emit):
         picked = [m for m in all_methods if m in controls["methods"].value]
@@ -626,13 +713,18 @@ def methods_panel(cfg, ws, methods: Sequence[str] | None = None) -> RunPanel:
             if stop.is_set():
                 break
             name = federation.METHOD_NAMES[method]
+            of_step, of_round = run_progress(rounds, start=i / len(picked), span=1 / len(picked),
+                                             prefix=f"{name}: ")
             emit({"status": f"{name}: building the proxy …"})
-            federation.cached_run(
-                replace(cfg, method=method, rounds=rounds), ws, progress=False, stop=stop,
-                on_round=lambda r, i=i, name=name: emit(
-                    {**r, "method": name, "progress": (i + r["round"] / rounds) / len(picked),
-                     "status": _progress_status(r, rounds, f"{name}: ")}))
+            federation.cached_run(replace(cfg, method=method, rounds=rounds), ws, progress=False, stop=stop,
+                                  on_round=lambda r, name=name, of_round=of_round: emit(
+                                      {**of_round(r), "method": name}),
+                                  on_progress=lambda info, of_step=of_step: emit(of_step(info)))
+
+    def on_start(figs):
+        reset_figures(figs)
+        _count_axes(figs, controls["rounds"].value)
 
     update = method_curve_updater([federation.METHOD_NAMES[m] for m in all_methods], "accuracy")
-    return RunPanel(work, update, [fig], controls=list(controls.values()), on_start=reset_figures,
+    return RunPanel(work, update, [fig], controls=list(controls.values()), on_start=on_start,
                     title="Run methods side by side")

@@ -242,6 +242,69 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny_ws, tiny_data_config, 
         fl.run(dataclasses.replace(cfg, lr=1e-2), tiny_ws, out_dir=tmp_path / "cut", resume=True, progress=False)
 
 
+@pytest.mark.parametrize("stage", ["train", "evaluate", "align"])
+def test_stop_inside_a_round_drops_it_and_resume_redoes_it(tiny_ws, tiny_data_config, tmp_path, stage):
+    """Stop between client steps (or evaluation jobs, or alignment steps) of round 2: nothing of round 2 is
+    yielded or saved, no step runs after the one that saw Stop, and a resume ends exactly as an uninterrupted run."""
+    cfg = _cfg(tiny_data_config, method="fedpft", rounds=3)
+    full = fl.run(cfg, tiny_ws, out_dir=tmp_path / "full", progress=False, workers=1)
+    stop, after_stop = threading.Event(), []
+
+    def on_progress(info):
+        if stop.is_set():
+            after_stop.append(info)
+        elif info["round"] == 2 and info["stage"] == stage and info["done"] == 1:
+            stop.set()
+
+    yielded = [m["rounds"][-1]["round"] for m in fl.iterate(cfg, tiny_ws, out_dir=tmp_path / "cut", progress=False,
+                                                            stop=stop, workers=1, on_progress=on_progress)]
+    assert stop.is_set() and yielded == [0, 1] and after_stop == []
+    kept = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert [r["round"] for r in kept["rounds"]] == [0, 1]
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["next_round"] == 2
+    resumed = fl.run(cfg, tiny_ws, out_dir=tmp_path / "cut", resume=True, progress=False, workers=1)
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    assert strip(resumed["rounds"]) == strip(full["rounds"])
+
+
+def test_local_train_checks_stop_before_every_batch(tiny_ws, tiny_data_config):
+    cfg = _cfg(tiny_data_config, batch_size=4)
+    setup = fl.build_setup(cfg, tiny_ws, progress=False)
+    shard = tiny_ws.train.subset(tiny_ws.parts[0])
+    stop, steps = threading.Event(), []
+
+    def on_batch():
+        steps.append(1)
+        if len(steps) == 3:
+            stop.set()
+
+    with pytest.raises(fl.RoundStopped):
+        fl.local_train(setup.devices[0], shard, 2, 4, 1e-3, 1.0, 0, tiny_ws.pad_id, stop=stop, on_batch=on_batch)
+    assert len(steps) == 3 < 2 * len(shard) // 4
+
+
+def test_progress_counts_every_client_batch_and_job_in_order(tiny_ws, tiny_data_config, tmp_path, monkeypatch):
+    """Clients train side by side on worker threads; each stage's reports still count 1, 2, ..., total."""
+    monkeypatch.setenv("FEDPFT_LAB_CACHE", str(tmp_path))         # the sub-FM is distilled, not loaded
+    cfg = _cfg(tiny_data_config, method="fedpft", rounds=2, batch_size=4)
+    reports = []
+    fl.run(cfg, tiny_ws, progress=False, workers=2, on_progress=lambda info: reports.append(dict(info)))
+    stages = {}
+    for info in reports:
+        stages.setdefault((info["round"], info["stage"]), []).append((info["done"], info["total"]))
+    for (rnd, stage), counts in stages.items():
+        total = counts[0][1]
+        assert counts == [(k, total) for k in range(1, total + 1)], (rnd, stage)
+    clients = fl.sample_clients(cfg)
+    for rnd in (1, 2):
+        batches = sum(-(-len(tiny_ws.parts[k]) // cfg.batch_size) for k in clients[rnd - 1])
+        assert stages[(rnd, "train")][-1] == (batches, batches)
+    assert [k for k in stages if k[0] == 0] == [(0, "distill"), (0, "setup"), (0, "evaluate")]  # before FL
+    assert stages[(0, "distill")][-1] == (cfg.distill_steps, cfg.distill_steps)
+    assert stages[(1, "align")][-1] == (cfg.align_steps, cfg.align_steps)         # aligns after round 1 (t=1)
+    assert (1, "evaluate aligned") in stages and (2, "align") not in stages       # never after the last round
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kw, match", [

@@ -201,6 +201,20 @@ def test_ci_script_is_strict_and_offline(ci_script):
     assert "python3 -m venv" in ci_script
 
 
+def test_browser_tests_are_wired_everywhere(pyproject, ci_script, readme):
+    """pytest -m browser needs Playwright (dev extra), Debian's Chromium (installed by .ci/run when missing, without
+    prompts) and a registered marker; the README says how to run them."""
+    dev = {Requirement(r).name for r in pyproject["project"]["optional-dependencies"]["dev"]}
+    assert {"playwright", "pytest-playwright"} <= dev
+    assert any(m.startswith("browser:") for m in pyproject["tool"]["pytest"]["ini_options"]["markers"])
+    install = re.search(r"^\s*DEBIAN_FRONTEND=noninteractive apt-get install -y .*\bchromium\b", ci_script, re.M)
+    assert install, ".ci/run must apt-get install chromium non-interactively"
+    assert ci_script.index("command -v chromium") < install.start(), "install Chromium only when it is missing"
+    commands = "\n".join(line for line in ci_script.splitlines() if not line.lstrip().startswith("#"))
+    assert "playwright install" not in commands, "offline CI cannot download Playwright's own browsers"
+    assert "pytest -m browser" in readme
+
+
 # ---------------------------------------------------------------- data/README.md and .gitignore
 
 def test_data_readme_names_every_offline_source(pyproject):
@@ -225,6 +239,10 @@ def git_checkout():
 
 def test_data_cache_is_git_ignored(git_checkout):
     assert _git("check-ignore", "-q", "data/cache/x").returncode == 0, "data/cache/ must be git-ignored"
+
+
+def test_browser_screenshots_are_git_ignored(git_checkout):
+    assert _git("check-ignore", "-q", "tests/_screenshots/x.png").returncode == 0
 
 
 def test_data_readme_is_not_git_ignored(git_checkout):

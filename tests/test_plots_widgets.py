@@ -284,6 +284,47 @@ def test_saliency_histograms_two_traces_per_layer_with_shared_bins():
     assert fig.data[2].xbins.size == fig.data[3].xbins.size and fig.layout.barmode == "stack"
 
 
+def test_saliency_histograms_label_axes_and_legend_both_kinds():
+    """Layer 0 is retained (nothing dropped): its empty 'dropped' trace never shows in plotly's legend, so the
+    'dropped' entry belongs to the first layer that drops neurons."""
+    sal = {i: np.arange(10.0) + i for i in range(4)}
+    kept = {0: np.ones(10, bool), 1: np.arange(10) >= 7, 2: np.arange(10) >= 5, 3: np.ones(10, bool)}
+    fig = plots.saliency_histograms(sal, kept, bins=5)
+    shown = [(t.name, t.x is not None and len(t.x) > 0) for t in fig.data if t.showlegend]
+    assert shown == [("kept", True), ("dropped", True)]
+    assert fig.layout.xaxis4.title.text == "saliency" and fig.layout.yaxis.title.text == "neurons"  # bottom, left
+    assert not fig.layout.xaxis.title.text                                   # not between the rows
+    assert plots.saliency_legend([np.ones(3, bool)]) == [True, False]          # keep ratio 1: nothing dropped
+
+
+def test_round_axes_tick_whole_rounds():
+    """Left alone, plotly labels a 2-round axis 0, 0.5, 1, 1.5, 2."""
+    two = ROUNDS[:3]
+    for fig in (plots.round_curves(two), plots.method_comparison({"a": two}), plots.discrepancy_curves({"a": two}),
+                plots.layer_heatmap(np.ones((3, 2)), [0, 1, 2], "t"), plots.empty_round_curves(rounds=2),
+                plots.empty_method_curves(["a"], rounds=2)):
+        assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tick0 == 0
+    live = plots.empty_round_curves(rounds=40)
+    assert live.layout.xaxis.dtick == 4 and list(live.layout.xaxis.range) == [-0.25, 40.25]   # about 10 ticks
+
+
+def test_long_titles_wrap_and_make_room():
+    title = "Gradient cosine with the FM: layer-wise 0.993, layer-drop 0.873 (keep ratio 0.25)"
+    fig = plots.grouped_layer_bars({"a": [1.0]}, title, "cosine")
+    lines = fig.layout.title.text.split("<br>")
+    assert len(lines) == 2 and all(len(line) <= plots.TITLE_CHARS for line in lines)
+    assert " ".join(lines) == title and fig.layout.margin.t == plots.TOP_MARGIN + plots.TITLE_LINE
+    plots.set_title(fig, "short")
+    assert fig.layout.title.text == "short" and fig.layout.margin.t == plots.TOP_MARGIN
+
+
+def test_heatmap_alignment_lines_are_bold_and_opaque():
+    """Faint grey dots vanish on a diverging colour scale."""
+    fig = plots.layer_heatmap(np.ones((3, 2)), [0, 1, 2], "t", aligned=[1])
+    line = fig.layout.shapes[0].line
+    assert line.width >= 2 and line.color == "black"
+
+
 def test_grouped_layer_bars_leave_missing_layers_empty():
     fig = plots.grouped_layer_bars({"layer-wise sub-FM": [0.0, 0.2, 0.3], "layer-drop proxy": [0.0, None, 0.5]},
                                    "gap", "relative MSE")
@@ -412,7 +453,9 @@ def test_distill_panel_streams_the_loss_and_draws_gaps(tiny_lab):
     assert panel.run.join(timeout=120) and panel.run.error is None
     loss, gaps = panel.figs
     assert len(loss.data[0].y) == 5
-    assert len(gaps.data[0].y) == len(cfg.sub_config().compressed(4)) and gaps.data[1].y[0] is not None
+    compressed = list(cfg.sub_config().compressed(4))
+    for trace in gaps.data:                 # bars need both: the reset at Start empties x as well as y
+        assert list(trace.x) == compressed and len(trace.y) == len(compressed) and None not in trace.y
     assert "logit KL" in gaps.layout.title.text
     first = list(loss.data[0].y)
     assert panel.controls[3].value is False                             # default: the official code's matched layers
@@ -420,6 +463,67 @@ def test_distill_panel_streams_the_loss_and_draws_gaps(tiny_lab):
     panel.start_button.click()
     assert panel.run.join(timeout=120) and panel.run.error is None
     assert len(loss.data[0].y) == 5 and list(loss.data[0].y) != first
+
+
+def test_distill_panel_stopped_run_draws_its_gaps_without_the_old_plug_in_title(tiny_lab, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPFT_LAB_CACHE", str(tmp_path))     # an uncached distillation, so there is a step to stop
+    cfg, ws = tiny_lab
+    panel = widgets.distill_panel(ws, cfg.sub_config(), cfg.distill_config(), cfg.lora_config(), seed=0)
+    panel.controls[0].value = 5
+    panel.start_button.click()
+    assert panel.run.join(timeout=120) and "plug-in" in panel.figs[1].layout.title.text
+    panel.controls[0].value = 400
+    panel.run.on_event(lambda event: panel.stop() if event.get("step") == 1 else None)
+    panel.start_button.click()
+    assert panel.run.join(timeout=120) and panel.run.stopped and panel.run.error is None
+    loss, gaps = panel.figs
+    assert 2 <= len(loss.data[0].y) < 400
+    assert "plug-in" not in gaps.layout.title.text                      # this run measured no plug-in gap
+    assert all(len(t.x) == len(t.y) == len(cfg.sub_config().compressed(4)) for t in gaps.data)
+    assert not any(c.disabled for c in panel.controls) and not panel.start_button.disabled
+
+
+def test_panel_descriptions_are_shown_in_full(tiny_lab):
+    """ipywidgets cuts a description at a fixed width ('weight ter…'); the panels give each its own width."""
+    cfg, ws = tiny_lab
+    for panel in (widgets.distill_panel(ws, cfg.sub_config(), cfg.distill_config()), widgets.discrepancy_panel(cfg, ws),
+                  widgets.partition_explorer(np.arange(40) % 2, ["a", "b"], num_clients=4)):
+        controls = panel.controls.values() if isinstance(panel.controls, dict) else panel.controls
+        for control in controls:
+            if isinstance(control, widgets.w.Checkbox):
+                assert control.indent is False and control.layout.width == "auto"
+            else:
+                assert control.style.description_width == "initial", control.description
+
+
+def test_fed_run_panel_moves_within_round_0_and_stops_between_client_steps(tiny_lab, tmp_path, monkeypatch):
+    """The bar moves before round 0 is known (evaluation jobs) and with every client batch; Stop inside round 2
+    ends the run there: round 2 is neither drawn nor saved, and the controls unlock."""
+    monkeypatch.setenv("FEDPFT_LAB_CACHE", str(tmp_path))     # a fresh run, not a replay of an earlier test's
+    cfg, ws = tiny_lab
+    fed = widgets.fed_run_panel(cfg, ws)
+    stopped_at = []
+
+    def stop_in_round_2(event):
+        if not stopped_at and "round 2/2: clients training" in event.get("status", ""):
+            stopped_at.append(len(fed.run.events))
+            fed.stop()
+
+    fed.run.on_event(stop_in_round_2)
+    fed.start_button.click()
+    assert fed.run.join(timeout=300) and fed.run.error is None and fed.run.stopped
+    events = fed.run.events
+    first_round = next(i for i, e in enumerate(events) if "accuracy" in e)
+    assert any("progress" in e for e in events[:first_round])          # the bar moved while round 0 was evaluated
+    progress = [e["progress"] for e in events if "progress" in e]
+    assert progress == sorted(progress) and 0 < progress[0] and progress[-1] < 1
+    assert len([e for e in events[stopped_at[0]:] if "clients training" in e.get("status", "")]) <= 2
+    curves = fed.figs[0]
+    assert list(curves.data[0].x) == [0, 1] and list(curves.layout.xaxis.range) == [-0.25, 2.25]
+    assert not any(c.disabled for c in fed.controls) and "stopped" in fed.status.value
+    fed.start_button.click()                                           # Start again: resumes, redoes round 2
+    assert fed.run.join(timeout=300) and fed.run.error is None and not fed.run.stopped
+    assert list(fed.figs[0].data[0].x) == [0, 1, 2] and fed.progress.value == 1.0
 
 
 def test_fed_run_discrepancy_and_methods_panels_stream_rounds(tiny_lab):

@@ -133,3 +133,26 @@ def test_bad_inputs_raise_config_error():
     run = BackgroundRun(lambda stop, emit: emit(3))
     with pytest.raises(ConfigError, match="dict"):
         run.run_blocking()
+
+
+def test_events_emitted_from_worker_threads_are_handled_one_at_a_time():
+    """A round's clients report progress from their own threads; widget callbacks must never overlap."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(stop, emit):
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda k: [emit({"client": k, "batch": b}) for b in range(10)], range(4)))
+
+    inside, overlaps = [0], []
+
+    def callback(event):
+        inside[0] += 1
+        overlaps.append(inside[0] > 1)
+        time.sleep(0.001)               # long enough for another thread to arrive meanwhile
+        inside[0] -= 1
+
+    run = BackgroundRun(work)
+    run.on_event(callback)
+    run.run_blocking()
+    assert len(run.events) == 40 and not any(overlaps)
