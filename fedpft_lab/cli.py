@@ -274,6 +274,31 @@ def cmd_student_edition(a: argparse.Namespace) -> list[str]:
     return [str(p) for p in written]
 
 
+def cmd_warm(a: argparse.Namespace) -> list[dict]:
+    """Run every lab once, headless, at its default size: afterwards the room's first Run All hits warm caches
+    (token caches, distilled sub-FMs, the federated runs labs 04-06 share) instead of distilling for minutes."""
+    from .bench import notebook_times
+    from .paths import LABS_DIR, lab_notebooks
+
+    notebooks = lab_notebooks(Path(a.labs) if a.labs else LABS_DIR)
+    if a.only:
+        wanted = {n.zfill(2) for n in a.only}
+        notebooks = [nb for nb in notebooks if nb.name[:2] in wanted]
+        if not notebooks:
+            raise ConfigError(f"--only {' '.join(a.only)}: no lab with that number (allowed: 01 to 99, as in labs/)")
+    results = []
+    for nb in notebooks:   # one at a time, so each line prints as soon as its lab is done
+        (r,) = notebook_times([nb], smoke_settings=(a.smoke,))
+        print(f"{r['notebook']:<40} {r['seconds']:6.1f} s  {'ok' if r['ok'] else 'FAILED: ' + r['error']}", flush=True)
+        results.append(r)
+    failed = [r["notebook"] for r in results if not r["ok"]]
+    print(f"{len(results) - len(failed)} of {len(results)} labs ran, {sum(r['seconds'] for r in results):.0f} s in all"
+          + (f"; failed: {', '.join(failed)}" if failed else "; caches are warm"))
+    if failed:
+        raise SystemExit(1)
+    return results
+
+
 def _restart(a: argparse.Namespace) -> None:
     """--restart: move the previous results in --out aside (never delete them) so the run starts over."""
     out = Path(a.out).resolve()
@@ -362,6 +387,13 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     p.add_argument("--labs", default=None,
                    help="the folder of the instructor edition (default: labs/ of this checkout)")
     p.set_defaults(func=cmd_student_edition)
+
+    p = sub.add_parser("warm", help="run every lab once, headless, at its default size, so a room's first Run All "
+                                    "finds the caches warm (labs/INSTRUCTOR.md)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NN", help="only these labs, e.g. --only 03 04")
+    p.add_argument("--smoke", action="store_true", help="SMOKE sizes (seconds; warms only the SMOKE caches)")
+    p.add_argument("--labs", default=None, help="the folder of the labs (default: labs/ of this checkout)")
+    p.set_defaults(func=cmd_warm)
     return parser
 
 

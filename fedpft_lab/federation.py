@@ -461,6 +461,9 @@ class RunState:
     # taken part, how many of those alignments its copy of the proxy already holds.
     alignments: list[dict[int, list[int]]] = field(default_factory=list)
     synced: dict[int, int] = field(default_factory=dict)
+    # How long the session that started the run took to reach round 0 (see startup_times); kept by a resume,
+    # so a metrics.json rebuilt from the checkpoint is the one the run wrote.
+    startup: dict = field(default_factory=dict)
 
 
 def weights_download(setup: Setup, state: RunState, client: int) -> int:
@@ -591,14 +594,15 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
         state = _load_checkpoint(blob, setup)
     _Ticker(on_progress, state.next_round, "setup", 1)()    # models built: the first sign of life of a run
     schedule = sample_clients(cfg)
-    startup = startup_times(t_enter)
+    if not state.startup:
+        state.startup = startup_times(t_enter)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.rounds, initial=max(0, state.next_round - 1), desc=METHOD_NAMES[cfg.method],
                disable=not progress)
     try:
         if state.next_round > cfg.rounds:  # resumed a finished run: report it (and restore its metrics.json)
-            metrics = summary(cfg, setup, state.records, ws, startup)
+            metrics = summary(cfg, setup, state.records, ws, state.startup)
             if out is not None:
                 _atomic_json(metrics, out / "metrics.json")
             yield metrics
@@ -613,7 +617,7 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
                 break
             state.records.append(record)
             state.next_round += 1
-            metrics = summary(cfg, setup, state.records, ws, startup)
+            metrics = summary(cfg, setup, state.records, ws, state.startup)
             if out is not None:
                 _save(out, cfg, setup, state, metrics)
             if rnd > 0:
@@ -698,7 +702,7 @@ def _save(out: Path, cfg: FedConfig, setup: Setup, state: RunState, metrics: dic
                  "server_ffn": ffn_state(models.unwrap(setup.server_proxy), setup.compressed),
                  "device_ffn": ffn_state(models.unwrap(setup.devices[0]), setup.compressed),
                  "records": json.dumps(state.records), "alignments": json.dumps(state.alignments),
-                 "synced": json.dumps(state.synced)}, out / "checkpoint.pt")
+                 "synced": json.dumps(state.synced), "startup": json.dumps(state.startup)}, out / "checkpoint.pt")
     _atomic_json(metrics, out / "metrics.json")
 
 
@@ -724,6 +728,9 @@ def _read_checkpoint(out: Path, cfg: FedConfig) -> dict | None:
     if (out / "metrics.json").exists():
         io.read_run_file(out / "metrics.json", io.load_json, _is_metrics)
     blob = io.read_run_file(out / "checkpoint.pt", io.load_torch, _is_checkpoint)
+    if "synced" not in blob:
+        raise ConfigError(f"--resume: {out / 'checkpoint.pt'} was written by an older version of the lab; "
+                          "start afresh with another --out")
     if result_config(FedConfig.from_json(json.loads(blob["config"]))) != result_config(cfg):
         raise ConfigError(f"--resume: {out} holds a run with a different configuration; use another --out "
                           "or the same arguments")   # fields that cannot change this method's result may differ
@@ -734,10 +741,8 @@ def _load_checkpoint(blob: dict, setup: Setup) -> RunState:
     load_ffn_state(models.unwrap(setup.server_proxy), blob["server_ffn"])
     for device in setup.devices:
         load_ffn_state(models.unwrap(device), blob["device_ffn"])
-    if "synced" not in blob:
-        raise ConfigError(f"--resume: {out / 'checkpoint.pt'} was written by an older version of the lab; "
-                          "start afresh with another --out")
     alignments = [{int(k): v for k, v in a.items()} for a in json.loads(blob["alignments"])]
     synced = {int(k): v for k, v in json.loads(blob["synced"]).items()}
     return RunState(blob["next_round"], blob["global_state"], blob["package"], blob["server_ffn"],
-                    blob["device_ffn"], json.loads(blob["records"]), alignments, synced)
+                    blob["device_ffn"], json.loads(blob["records"]), alignments, synced,
+                    json.loads(blob.get("startup", "{}")))

@@ -105,3 +105,18 @@ def test_csv_with_missing_column(tmp_path, capsys):
     assert main(["inspect", "--fm", "tiny-bert", "--data", str(bad), "--quiet", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "text" in err and "mine.csv" in err
+
+
+@pytest.mark.notebooks
+def test_warm_runs_the_chosen_labs_headless_and_reports_each(capsys):
+    """Room preparation: each lab runs to the end under papermill and gets one line with its time."""
+    assert main(["warm", "--only", "7", "--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "07_why_alignment_matters.ipynb" in out and " ok" in out
+    assert "1 of 1 labs ran" in out and "caches are warm" in out
+
+
+def test_warm_rejects_an_unknown_lab_number(capsys):
+    assert main(["warm", "--only", "42"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--only 42" in err[0] and "allowed" in err[0]
