@@ -35,7 +35,7 @@ def test_every_section_has_its_anchor_and_the_contents_list_resolves():
     assert set(re.findall(r"\]\(#([^)]+)\)", notes)) <= anchors()
 
 
-@pytest.mark.parametrize("path", SOURCES + [ROOT / "README.md"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SOURCES + [ROOT / "README.md", ROOT / "labs" / "INSTRUCTOR.md"], ids=lambda p: p.name)
 def test_pointers_land_on_a_section_and_no_private_spec_is_cited(path):
     text = text_of(path)
     missing = set(POINTER.findall(text)) - anchors()
@@ -43,3 +43,29 @@ def test_pointers_land_on_a_section_and_no_private_spec_is_cited(path):
     if path.name not in PENDING:
         stale = [m.group(0) for m in STALE.finditer(text)]
         assert not stale, f"{path.name} cites a document participants do not have: {stale}; point to labs/METHOD.md"
+
+
+# ----------------------------------------------------------------------------- the instructor guide
+
+GUIDE = ROOT / "labs" / "INSTRUCTOR.md"
+
+
+def test_instructor_guide_has_a_section_and_a_time_for_every_lab():
+    guide = GUIDE.read_text(encoding="utf-8")
+    assert "@@" not in guide, "a placeholder was left in the guide"
+    for nb in sorted((ROOT / "labs").glob("[0-9][0-9]_*.ipynb")):
+        number = nb.name[:2]
+        assert re.search(rf"^### {number} ", guide, re.M), f"labs/INSTRUCTOR.md has no section for {nb.name}"
+        assert re.search(rf"^\| {number} ", guide, re.M), f"labs/INSTRUCTOR.md has no measured time for {nb.name}"
+
+
+def test_instructor_guide_quotes_the_reference_study_as_stored():
+    """The study's means in the guide are the stored ones (regenerate the study: update the guide)."""
+    import json
+
+    study = json.loads((ROOT / "labs" / "reference" / "wiki-topics" / "compare.json").read_text())
+    guide = GUIDE.read_text(encoding="utf-8")
+    for method, row in study["methods"].items():
+        name = row["name"]
+        mean = f"{100 * row['final_accuracy']['mean']:.1f}"
+        assert re.search(rf"{re.escape(name)} {re.escape(mean)}\b", guide), f"guide lacks '{name} {mean}'"
