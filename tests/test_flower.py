@@ -82,3 +82,31 @@ def test_malformed_and_oversized_replies_are_rejected_with_a_reason(tiny_ws, tin
     strict.round_contents(1)
     with pytest.raises(RuntimeError, match="1 client\\(s\\) answered, fewer than the 4 required"):
         strict.aggregate_train(1, [_reply(100, records.update_content(good))])
+
+
+def test_a_killed_supernode_leaves_a_round_to_the_clients_that_answered(tiny_data_config, tmp_path, request):
+    import json
+    import threading
+    import time
+
+    import psutil
+
+    data = replace(tiny_data_config, clients=3)
+    cfg = fl.FedConfig(method="fedpft-n", data=data, rounds=2, sample_fraction=1.0, distill_steps=0, keep_ratio=0.5)
+    result: dict = {}
+    with deploy.local_deployment(data.clients, tmp_path / "flower-logs") as (procs, app, env):
+        request.addfinalizer(procs.stop)
+        run = threading.Thread(target=lambda: result.update(deploy.submit(cfg, tmp_path, app, env, timeout=600,
+                                                                          round_timeout=30, min_answers=2)))
+        run.start()
+        metrics, deadline = tmp_path / "metrics.json", time.monotonic() + 600
+        while not (metrics.exists() and json.loads(metrics.read_text())["rounds"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        victim = psutil.Process(procs.pids()[-1])        # the SuperNode serving client 2, and its app processes
+        for p in [victim, *victim.children(recursive=True)]:
+            p.kill()
+        run.join(timeout=600)
+    assert len(result["rounds"]) == 3, "the run did not finish without client 2"
+    last = result["rounds"][-1]
+    assert last["clients"] == [0, 1, 2] and last["answered"] == [0, 1] and last["missing"] == [2]
+    assert last["bytes_up"] == 2 * result["rounds"][1]["bytes_up"] // len(result["rounds"][1]["answered"])
