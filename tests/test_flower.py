@@ -110,3 +110,27 @@ def test_a_killed_supernode_leaves_a_round_to_the_clients_that_answered(tiny_dat
     last = result["rounds"][-1]
     assert last["clients"] == [0, 1, 2] and last["answered"] == [0, 1] and last["missing"] == [2]
     assert last["bytes_up"] == 2 * result["rounds"][1]["bytes_up"] // len(result["rounds"][1]["answered"])
+
+
+def test_a_room_server_and_three_client_commands(tiny_data_config, tmp_path, request):
+    """``fedpft-lab server`` prints what participants run; three ``fedpft-lab client`` processes join; it runs."""
+    import sys
+    import threading
+
+    data = replace(tiny_data_config, clients=3)
+    cfg = fl.FedConfig(method="fedpft-n", data=data, rounds=1, sample_fraction=1.0, distill_steps=0, keep_ratio=0.5)
+    port, said, result = deploy.free_port(), [], {}
+    server = threading.Thread(target=lambda: result.update(
+        deploy.serve(cfg, tmp_path / "server", "127.0.0.1", port, timeout=600, say=said.append)))
+    clients = deploy.Processes(tmp_path / "client-logs", deploy.flower_env(tmp_path / "home"))
+    request.addfinalizer(clients.stop)
+    server.start()
+    deploy.wait_for_port("127.0.0.1", port)
+    for k in range(3):
+        clients.start(f"client-{k}", [sys.executable, "-m", "fedpft_lab", "client", "--server", f"127.0.0.1:{port}",
+                                      "--partition-id", str(k), "--num-partitions", "3"])
+    server.join(timeout=600)
+    clients.stop()
+    assert any(f"fedpft-lab client --server 127.0.0.1:{port} --partition-id K --num-partitions 3" in s for s in said)
+    assert [r["round"] for r in result["rounds"]] == [0, 1] and result["rounds"][1]["answered"] == [0, 1, 2]
+    assert not clients.still_running()

@@ -77,10 +77,12 @@ def flower_env(home: Path) -> dict[str, str]:
     return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home), "PYTHONPATH": path, "PATH": bin_path}
 
 
-def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_port(host: str, port: int, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    """Until something listens on ``host:port`` (a loaded machine may take a minute); fails early if ``proc``,
+    the process that should listen there, exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before listening on {port}")
         with socket.socket() as s:
             if s.connect_ex((host, port)) == 0:
