@@ -206,6 +206,9 @@ def cmd_run(a: argparse.Namespace) -> dict:
     if a.engine == "flower":
         from .engines.flower.deploy import run_flower
 
+        if not a.quiet:
+            print(f"a local Flower deployment: 1 SuperLink + {cfg.data.clients} SuperNodes on 127.0.0.1 "
+                  f"(logs: {out / 'flower-logs'})", file=sys.stderr)
         metrics = run_flower(cfg, out)
     else:
         metrics = run(cfg, out_dir=out, resume=a.resume, progress=not a.quiet, workers=a.workers)
