@@ -200,8 +200,18 @@ def cmd_run(a: argparse.Namespace) -> dict:
 
     cfg = _fed_config(a)
     out = Path(a.out)
+    if a.engine == "flower" and a.resume:
+        raise ConfigError("--resume works with --engine inprocess only")
     _restart(a)
-    metrics = run(cfg, out_dir=out, resume=a.resume, progress=not a.quiet, workers=a.workers)
+    if a.engine == "flower":
+        from .engines.flower.deploy import run_flower
+
+        if not a.quiet:
+            print(f"a local Flower deployment: 1 SuperLink + {cfg.data.clients} SuperNodes on 127.0.0.1 "
+                  f"(logs: {out / 'flower-logs'})", file=sys.stderr)
+        metrics = run_flower(cfg, out)
+    else:
+        metrics = run(cfg, out_dir=out, resume=a.resume, progress=not a.quiet, workers=a.workers)
     if not a.quiet:
         print_run_table(metrics)
         print(f"results: {out / 'metrics.json'}")
@@ -246,6 +256,26 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
         print(format_sweep(result))
         print(f"results: {Path(a.out) / 'sweep.json'}, figure: {Path(a.out) / 'sweep.html'}")
     return result
+
+
+def cmd_server(a: argparse.Namespace) -> dict:
+    from .engines.flower.deploy import serve
+
+    cfg = _fed_config(a)
+    _restart(a)
+    metrics = serve(cfg, Path(a.out), a.host, a.port)
+    if not a.quiet:
+        print_run_table(metrics)
+        print(f"results: {Path(a.out) / 'metrics.json'}")
+    return metrics
+
+
+def cmd_client(a: argparse.Namespace) -> int:
+    from .engines.flower.deploy import join
+
+    if not 0 <= a.partition_id < a.num_partitions:
+        raise ConfigError(f"--partition-id must be in [0, {a.num_partitions - 1}], got {a.partition_id}")
+    return join(a.server, a.partition_id, a.num_partitions, a.port)
 
 
 def cmd_bench(a: argparse.Namespace) -> dict:
@@ -340,8 +370,29 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     again.add_argument("--restart", action="store_true",
                        help="start over in --out; a previous run there is moved aside to <out>.replaced-<time>")
+    p.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
+                   help="inprocess (default): clients on threads in this process; flower: a local Flower "
+                        "deployment, one SuperLink and one SuperNode process per client on 127.0.0.1 (same numbers)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("server", help="serve one configured run to a room over Flower (SuperLink + ServerApp)")
+    p.add_argument("--method", choices=METHODS, default="fedpft")
+    _add_fed_args(p, preset)
+    p.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on (default: every interface)")
+    p.add_argument("--port", type=int, default=9092, help="the SuperLink's port (default 9092)")
+    p.add_argument("--out", default="runs/server")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in --out; a previous run there is moved aside to <out>.replaced-<time>")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("client", help="join a room's run as one client: a Flower SuperNode serving one shard")
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the address `fedpft-lab server` printed")
+    p.add_argument("--partition-id", type=int, required=True, help="which client (shard) this machine is, 0-based")
+    p.add_argument("--num-partitions", type=int, required=True, help="how many clients the run has")
+    p.add_argument("--port", type=int, default=None, help="this SuperNode's local port (default: a free one)")
+    p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("compare", help="several methods x seeds on identical splits, as in the paper's tables")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))

@@ -1,12 +1,10 @@
-"""Federated proxy fine-tuning, simulated in one process (labs/METHOD.md#federated-fine-tuning, #baselines).
+"""The in-process engine: federated proxy fine-tuning simulated in one process (labs/METHOD.md#federated-fine-tuning,
+#baselines).
 
-One round, as the server sees it::
-
-    broadcast (global adapter [+ W_fro package after an alignment]) to the sampled clients
-    each client: load it into its local proxy, train LoRA + head for E epochs, send back adapter
-                 (+ per-neuron activity sums in alignment rounds) and its example count
-    server: FedAvg weighted by example counts -> plug the adapter into the FM and evaluate
-            every t rounds (FedPFT, FedPFT-D): neuron-level alignment of its proxy copy -> W_fro package
+FedPFT itself lives in :mod:`fedpft_lab.core` (what a client does with a broadcast, what the server does per
+round); this module moves its messages inside one Python process and adds what a lesson needs around them:
+the round loop as a generator, checkpoint/resume, the run cache, stop and progress. The second engine,
+:mod:`fedpft_lab.engines.flower`, moves the same messages between real processes.
 
 Clients are simulated on a few "device" models, as many at a time as there are cores, each on one thread
 (on a GPU: one device model, clients one after another; see fedpft_lab.device).
@@ -16,8 +14,6 @@ trained before it nor on how many clients trained at once.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import json
 import os
@@ -25,22 +21,25 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import adapters, align, data, discrepancy, io, models, parallel, subfm
+from . import adapters, align, discrepancy, io, models, parallel
 from .config import LR_SCHEDULES, METHOD_NAMES, METHODS, DataConfig, FedConfig  # noqa: F401  (re-exported)
-from .device import model_device, resolve_device, side_by_side, to_device
-from .discrepancy import gradient_discrepancy
-from .distill import DistillConfig
-from .errors import ConfigError, check_choice, check_range
+from .core.client import client_step, local_train
+from .core.messages import Broadcast, ClientUpdate, TrainSettings  # noqa: F401  (re-exported)
+from .core.progress import Progress, RoundStopped, Ticker as _Ticker, check_stop  # noqa: F401  (re-exported)
+from .core.server import (  # noqa: F401  (re-exported: labs, widgets and tests import them from here)
+    RunState, Setup, _discrepancy, _discrepancy_values, accuracy, aggregate, build_setup, client_seed, close_round,
+    count_correct, evaluate, open_round, receive, sample_clients, summary, to_fm_names, to_proxy_names,
+    train_settings, weights_download, weights_update)
+from .device import resolve_device, side_by_side
+from .errors import ConfigError, check_range
 from .version import code_version
-from .workspace import Workspace, atomic_save, ffn_state, load_ffn_state, prepare, sub_fm
+from .workspace import Workspace, atomic_save, ffn_state, load_ffn_state, prepare
 
 # The layout of metrics.json: bump when it gains or loses a field, so the run cache never serves a file that a lab
 # would read a missing field from. (RESULTS_VERSION is for the numbers; this is for the shape.)
@@ -91,208 +90,21 @@ def result_config(cfg: FedConfig) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- the proxy and the two models
-
-@dataclass
-class Setup:
-    """The server's FM (with LoRA, for plug-in/eval), its proxy copy, and the clients' device proxies.
-
-    ``devices`` holds one proxy per client trained at the same time; they all carry the same frozen weights.
-    """
-
-    fm: nn.Module
-    server_proxy: nn.Module
-    devices: list[nn.Module]
-    proxy_layers: list[int] | None       # layer-drop: proxy layer j comes from FM layer proxy_layers[j]
-    compressed: list[int]                # sub-FM layers whose FFN was compressed
-    init_state: dict[str, torch.Tensor]  # A_0 in FM naming
-    distill_loss: list[float]
-    fm_params: int
-    proxy_params: int
-    proxy_is_fm: bool = False            # FedPETuning: proxy == FM, so its accuracy/discrepancy need no evaluation
-    fm_trainer: nn.Module | None = None  # a trainable FM copy for the update disparity, made on first use
-
-    def load_global(self, state: dict[str, torch.Tensor], fm: bool = True) -> None:
-        """Put the global adapter (FM naming) into the server's proxy and, unless ``fm=False``, the FM; eval mode."""
-        if fm:
-            adapters.load_adapter_state(self.fm, state)
-        adapters.load_adapter_state(self.server_proxy, to_proxy_names(state, self.proxy_layers))
-        self.fm.eval(), self.server_proxy.eval()
-
-    def trainable_fm(self) -> nn.Module:
-        """The FM copy that replays a client's round for the update disparity (never the evaluated FM)."""
-        if self.fm_trainer is None:
-            self.fm_trainer = copy.deepcopy(self.fm)
-        return self.fm_trainer
-
-    def frozen_bytes(self) -> int:
-        """What a client downloads once before its first round: every frozen weight of its proxy."""
-        return adapters.nbytes(p for p in self.server_proxy.parameters() if not p.requires_grad)
-
-    def ensure_devices(self, n: int) -> list[nn.Module]:
-        """At least ``n`` device proxies, new ones copied from the first (frozen weights included)."""
-        while len(self.devices) < n:
-            self.devices.append(copy.deepcopy(self.devices[0]))
-        return self.devices[:n]
 
 
-def build_setup(cfg: FedConfig, ws: Workspace, progress: bool = True, stop: threading.Event | None = None,
-                on_progress: Progress | None = None) -> Setup:
-    """Build FM + proxy for ``cfg.method`` and the initial global adapter A_0 (from the FM's LoRA init).
-
-    ``on_progress`` hears of every distillation step (stage ``distill`` of round 0) when the sub-FM is not cached.
-    """
-    lora = cfg.lora_config()
-    proxy_layers, compressed, loss = None, [], []
-    if cfg.proxy_kind == "fm":
-        proxy = copy.deepcopy(ws.fm)
-    elif cfg.proxy_kind == "sub-fm":
-        steps = cfg.distill_steps if cfg.distil_before else 0
-        tick = _Ticker(on_progress, 0, "distill", steps)
-        built = sub_fm(ws, cfg.sub_config(), replace(cfg.distill_config(), steps=steps), progress=progress, stop=stop,
-                       on_step=lambda step, loss: tick())
-        proxy, compressed, loss = built.model, built.info.compressed, built.distill_loss
-    else:
-        target = models.transformer_params(subfm.build_sub_fm(ws.fm, cfg.sub_config())[0])
-        proxy_layers = subfm.emulator_layers(ws.fm, cfg.retained_layers, target_params=target)
-        proxy = subfm.build_layer_drop(ws.fm, proxy_layers)
-    fm_params, proxy_params = models.transformer_params(ws.fm), models.transformer_params(proxy)
-    n_fm = models.num_layers(ws.fm)
-    if proxy_layers is None:
-        adapter_layers = list(range(n_fm))
-    elif cfg.method == "fedot-all":        # LoRA in every kept layer, each plugged into the FM layer it came from
-        adapter_layers = list(proxy_layers)
-    else:                                  # FedOT: LoRA in the bottom/top adapter layers only
-        adapter_layers = sorted(cfg.sub_config().retained(n_fm))
-    fm = adapters.add_lora(copy.deepcopy(ws.fm), lora, adapter_layers, seed=cfg.seed)
-    proxy_ids = ([j for j, i in enumerate(proxy_layers) if i in adapter_layers] if proxy_layers is not None
-                 else adapter_layers)
-    server_proxy = adapters.add_lora(proxy, lora, proxy_ids, seed=cfg.seed)
-    devices = [copy.deepcopy(server_proxy)]
-    init_state = adapters.adapter_state(fm)
-    return Setup(fm, server_proxy, devices, proxy_layers, compressed, init_state, loss, fm_params, proxy_params,
-                 proxy_is_fm=cfg.proxy_kind == "fm")
-
-
-def to_proxy_names(state: dict[str, torch.Tensor], proxy_layers: list[int] | None) -> dict[str, torch.Tensor]:
-    if proxy_layers is None:
-        return state
-    return adapters.translate(state, {fm_i: j for j, fm_i in enumerate(proxy_layers)})
-
-
-def to_fm_names(state: dict[str, torch.Tensor], proxy_layers: list[int] | None) -> dict[str, torch.Tensor]:
-    if proxy_layers is None:
-        return state
-    return adapters.translate(state, adapters.layer_key_map(proxy_layers))
-
-
-# --------------------------------------------------------------------------- stop and progress inside a round
-
-Progress = Callable[[dict], None]
-"""``on_progress({"round": r, "stage": ..., "done": k, "total": n})``: called on worker threads, one call at a time,
-with ``done`` counting up to ``total`` within the stage. Stages: ``distill`` (round 0, building the sub-FM when it
-is not cached), ``setup`` (once, when the models are built, before the first round to run), ``train`` (client
-batches), ``evaluate`` (evaluation jobs), ``align`` (alignment steps), ``evaluate aligned`` (the proxy re-measured
-after alignment)."""
-
-
-class RoundStopped(Exception):
-    """``stop`` was set inside a round: the round is dropped unrecorded (a resumed run redoes it from the start)."""
-
-
-def check_stop(stop: threading.Event | None) -> None:
-    if stop is not None and stop.is_set():
-        raise RoundStopped
-
-
-class _Ticker:
-    """Counts finished steps of one stage across worker threads and reports each count once, in order."""
-
-    def __init__(self, on_progress: Progress | None, rnd: int, stage: str, total: int) -> None:
-        self.on_progress, self.info, self.done = on_progress, {"round": rnd, "stage": stage, "total": total}, 0
-        self.lock = threading.Lock()
-
-    def __call__(self) -> None:
-        if self.on_progress is None:
-            return
-        with self.lock:
-            self.done += 1
-            self.on_progress({**self.info, "done": self.done})
-
-
-# --------------------------------------------------------------------------- clients
-
-@dataclass
-class ClientUpdate:
-    """Everything a client sends: its adapter, its example count, and (alignment rounds) activity sums."""
-
-    client: int
-    adapter: dict[str, torch.Tensor]
-    num_examples: int
-    stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def nbytes(self) -> int:
-        return adapters.nbytes(self.adapter) + sum(adapters.nbytes(s) for s in self.stats.values())
-
-
-def local_train(model: nn.Module, split: "data.EncodedSplit", epochs: int, batch_size: int, lr: float,
-                max_grad_norm: float, seed: int, pad_id: int,
-                recorder: align.ActivationRecorder | None = None, dropout: bool = False,
-                stop: threading.Event | None = None, on_batch: Callable[[], None] | None = None) -> None:
-    """E epochs of AdamW on the client's shard (fresh optimiser, constant lr within the round).
-
-    ``stop`` is checked before every batch (raising :class:`RoundStopped`), so Stop takes effect within one
-    client step; ``on_batch()`` is called after every step (progress).
-
-    ``dropout=False`` trains in eval mode: no dropout anywhere, so a client's update is a pure function of its
-    inputs. Drawing dropout masks (``bernoulli_``) costs about a fifth of a CPU training step at this size.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train(dropout)
-    if dropout:
-        torch.manual_seed(seed)  # dropout masks
-    device = model_device(model)
-    for epoch in range(epochs):
-        for batch in data.iterate_batches(split, batch_size, shuffle=True, seed=seed + epoch, pad_id=pad_id):
-            check_stop(stop)
-            batch = to_device(batch, device)
-            if recorder is not None:
-                recorder.set_mask(batch.get("attention_mask"))
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            loss = F.cross_entropy(model(**inputs).logits, batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            if on_batch is not None:
-                on_batch()
-    model.eval()
-
+# --------------------------------------------------------------------------- clients, on threads
 
 def client_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int,
                   global_state: dict[str, torch.Tensor], record_stats: bool,
                   device: nn.Module | None = None, stop: threading.Event | None = None,
                   on_batch: Callable[[], None] | None = None) -> ClientUpdate:
-    """One client's round: load the global adapter into a device proxy, train, return the update."""
-    t0 = time.perf_counter()
+    """One client's round on a device proxy (:func:`fedpft_lab.core.client.client_step`), adapter in FM names."""
+    broadcast = Broadcast(rnd, client, to_proxy_names(global_state, setup.proxy_layers), cfg.lr_at(rnd),
+                          client_seed(cfg, rnd, client), record_stats)
     model = device if device is not None else setup.devices[0]
-    adapters.load_adapter_state(model, to_proxy_names(global_state, setup.proxy_layers))
-    shard = ws.train.subset(ws.parts[client])
-    recorder = align.ActivationRecorder(model, setup.compressed) if record_stats and setup.compressed else None
-    with recorder if recorder is not None else contextlib.nullcontext():
-        local_train(model, shard, cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd), cfg.max_grad_norm,
-                    client_seed(cfg, rnd, client), ws.pad_id, recorder, dropout=cfg.dropout, stop=stop,
-                    on_batch=on_batch)
-    state = to_fm_names(adapters.adapter_state(model), setup.proxy_layers)
-    return ClientUpdate(client, state, len(shard), recorder.stats if recorder else {}, time.perf_counter() - t0)
-
-
-def client_seed(cfg: FedConfig, rnd: int, client: int) -> int:
-    """The seed of ``client``'s data order (and dropout) in round ``rnd``: the same whichever model trains."""
-    return (cfg.seed * 1_000_003 + rnd * 1009 + client) % 2**31
+    update = client_step(model, ws.train.subset(ws.parts[client]), broadcast, train_settings(cfg, setup), ws.pad_id,
+                         stop=stop, on_batch=on_batch)
+    return receive(update, setup)
 
 
 def fm_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int,
@@ -342,181 +154,10 @@ def train_clients(cfg: FedConfig, setup: Setup, ws: Workspace, clients: list[int
     return parallel.run_jobs([job(k) for k in clients] + extra, workers)
 
 
-# --------------------------------------------------------------------------- server side
-
-@torch.no_grad()
-def count_correct(model: nn.Module, batches: list[dict]) -> tuple[int, int]:
-    """(correct predictions, examples) of ``model`` in eval mode on labelled ``batches``."""
-    model.eval()
-    correct = total = 0
-    for batch in batches:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        pred = model(**inputs).logits.argmax(-1)
-        correct += int((pred == batch["labels"]).sum())
-        total += len(pred)
-    return correct, total
-
-
-def accuracy(model: nn.Module, batches: list[dict]) -> float:
-    correct, total = count_correct(model, batches)
-    return correct / max(1, total)
-
-
-def sample_clients(cfg: FedConfig) -> list[list[int]]:
-    """Pre-sampled client lists, one per round: identical for every method with the same seed and sizes."""
-    rng = np.random.default_rng(cfg.seed + 12345)
-    k = cfg.clients_per_round()
-    return [sorted(rng.choice(cfg.data.clients, size=k, replace=False).tolist()) for _ in range(cfg.rounds)]
-
-
-def _discrepancy_values(setup: Setup, d: discrepancy.Discrepancy | None) -> dict:
-    """The round record's discrepancy fields; ``None`` for FedPETuning, whose proxy is an exact FM copy.
-
-    Per-layer lists are indexed by FM layer (``None`` where the proxy shares no adapter with that layer), so
-    FedOT's two adapter layers land in FM columns 0 and L-1 of every plot, not in columns 0 and 1.
-    """
-    n = models.num_layers(setup.fm)
-    if d is None:
-        return {"grad_cosine": 1.0, "grad_rel_l2": 0.0, "layer_cosine": [1.0] * n, "layer_rel_l2": [0.0] * n,
-                "hidden_rel_mse": [0.0] * n, "logit_kl": 0.0}
-    by_layer = {x["layer"]: x for x in d.per_layer}
-    return {"grad_cosine": d.cosine, "grad_rel_l2": d.rel_l2,
-            "layer_cosine": [by_layer[i]["cosine"] if i in by_layer else None for i in range(n)],
-            "layer_rel_l2": [by_layer[i]["rel_l2"] if i in by_layer else None for i in range(n)],
-            "hidden_rel_mse": d.hidden_rel_mse, "logit_kl": d.logit_kl}
-
-
-def _discrepancy(setup: Setup, ws: Workspace) -> dict:
-    """Gradient discrepancy of the adapters already loaded in the FM and the server's proxy, in one pass."""
-    if setup.proxy_is_fm:
-        return _discrepancy_values(setup, None)
-    return _discrepancy_values(setup, gradient_discrepancy(setup.fm, setup.server_proxy, ws.probe_batches,
-                                                           proxy_layers=setup.proxy_layers))
-
-
-def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor], workers: int | None = None,
-             fm: bool = True, stop: threading.Event | None = None, on_progress: Progress | None = None,
-             rnd: int = 0, stage: str = "evaluate") -> dict:
-    """The round's measurements of ``global_state``: plug-in accuracy of the FM (``fm=False`` skips it), the
-    proxy's own accuracy and the gradient discrepancy between the two.
-
-    Evaluation costs nearly as many FLOPs as a round of client training (300 test examples through two models
-    against 600 training examples through the proxy), so it runs side by side like the clients: one job per
-    probe batch of the discrepancy, and the test batches dealt out in small chunks per model. Every job is
-    single-threaded and the parts are combined in a fixed order, so the numbers do not depend on ``workers``.
-    ``stop`` is checked before each job (:class:`RoundStopped`); ``on_progress`` hears of each finished job.
-    """
-    setup.load_global(global_state, fm=fm)  # before the jobs start: they share these models read-only
-    workers = max(1, workers or parallel.default_workers()) if side_by_side(ws.device) else 1
-    to_score: dict[str, nn.Module] = {"accuracy": setup.fm} if fm else {}
-    if not setup.proxy_is_fm:
-        to_score["sub_accuracy"] = setup.server_proxy
-    layer_map = discrepancy.layer_map(setup.proxy_layers)
-    jobs: list[Callable[[], object]] = ([] if setup.proxy_is_fm else
-                                        [functools.partial(discrepancy.batch_terms, setup.fm, setup.server_proxy,
-                                                           batch, layer_map) for batch in ws.probe_batches])
-    keys = ["probe"] * len(jobs)
-    n_chunks = 1 if workers == 1 else 2 * workers  # small chunks balance the load between the workers
-    for key, model in to_score.items():
-        for i in range(n_chunks):
-            if ws.test_batches[i::n_chunks]:
-                jobs.append(functools.partial(count_correct, model, ws.test_batches[i::n_chunks]))
-                keys.append(key)
-    if stop is not None or on_progress is not None:
-        tick = _Ticker(on_progress, rnd, stage, len(jobs))
-        jobs = [functools.partial(_checked_job, job, stop, tick) for job in jobs]
-    results = parallel.run_jobs(jobs, workers)
-    terms = [r for k, r in zip(keys, results) if k == "probe"]
-    with parallel.single_threaded_ops():  # its float64 reductions would otherwise round with the thread count
-        out = _discrepancy_values(setup, None if setup.proxy_is_fm else discrepancy.combine(terms))
-    for key in to_score:
-        counts = [r for k, r in zip(keys, results) if k == key]
-        out[key] = sum(c for c, _ in counts) / max(1, sum(t for _, t in counts))
-    if setup.proxy_is_fm and fm:
-        out["sub_accuracy"] = out["accuracy"]
-    return out
-
-
-def _checked_job(job: Callable[[], object], stop: threading.Event | None, tick: Callable[[], None]) -> object:
-    check_stop(stop)
-    result = job()
-    tick()
-    return result
-
-
 _atomic_json = io.atomic_json  # the old name, still imported by compare and cli
 
 
-@dataclass
-class RunState:
-    """What a checkpoint must hold to continue a run exactly where it stopped."""
-
-    next_round: int
-    global_state: dict[str, torch.Tensor]
-    package: dict[str, torch.Tensor]           # W_fro slices waiting to be broadcast next round
-    server_ffn: dict[str, torch.Tensor]
-    device_ffn: dict[str, torch.Tensor]
-    records: list[dict]
-    # W_fro accounting: the neurons each alignment changed (layer -> indices), and for every client that has
-    # taken part, how many of those alignments its copy of the proxy already holds.
-    alignments: list[dict[int, list[int]]] = field(default_factory=list)
-    synced: dict[int, int] = field(default_factory=dict)
-    # How long the session that started the run took to reach round 0 (see startup_times); kept by a resume,
-    # so a metrics.json rebuilt from the checkpoint is the one the run wrote.
-    startup: dict = field(default_factory=dict)
-
-
-def weights_download(setup: Setup, state: RunState, client: int) -> int:
-    """Bytes of frozen proxy weights ``client`` must download before training this round.
-
-    A client's first round: the whole proxy. Later: the union of what every alignment since its last round
-    changed (a client that missed two alignments gets both changes, each neuron's slice once, at its latest
-    value). This is an exact count of what a real deployment must send; the simulation itself simply keeps
-    every device proxy at the server's latest weights.
-    """
-    if client not in state.synced:
-        return setup.frozen_bytes()
-    missed = state.alignments[state.synced[client]:]
-    if not missed:
-        return 0
-    union: dict[int, set[int]] = {}
-    for changed in missed:
-        for layer, idx in changed.items():
-            union.setdefault(int(layer), set()).update(idx)
-    slices = {layer: torch.tensor(sorted(idx), dtype=torch.long) for layer, idx in union.items()}
-    return adapters.nbytes(align.weight_package(models.unwrap(setup.server_proxy), slices))
-
-
-def summary(cfg: FedConfig, setup: Setup, records: list[dict], ws: Workspace | None = None,
-            startup: dict | None = None) -> dict:
-    """The metrics file. ``final_accuracy`` (the last round's) is the headline; ``best_accuracy`` is the best
-    round *picked on the test set*, an optimistic number kept for comparison with papers that may report it.
-    ``startup``: how long this session took to reach round 0 (see :func:`iterate`)."""
-    accs = [r["accuracy"] for r in records if r["round"] > 0]
-    trainable = sum(v.numel() for v in setup.init_state.values())
-    return {
-        "config": cfg.to_json(),
-        "method": cfg.method,
-        "code_version": code_version(),
-        "examples": ({"train": len(ws.train), "test": len(ws.test), "public": len(ws.public),
-                      "probe": sum(len(b["labels"]) for b in ws.probe_batches)} if ws is not None else None),
-        "final_accuracy": accs[-1] if accs else None,
-        "best_accuracy": max(accs) if accs else None,
-        "params": {"fm_transformer": setup.fm_params, "sub_transformer": setup.proxy_params,
-                   "trainable": trainable,
-                   # what a client downloads once: its proxy's frozen weights; and what shipping the FM would cost
-                   "proxy_frozen_bytes": setup.frozen_bytes(),
-                   "fm_frozen_bytes": adapters.nbytes(p for p in setup.fm.parameters() if not p.requires_grad)},
-        "cost": {"bytes_up": sum(r["bytes_up"] for r in records), "bytes_down": sum(r["bytes_down"] for r in records),
-                 "bytes_down_weights": sum(r.get("bytes_down_weights", 0) for r in records),
-                 "client_seconds": sum(r["client_seconds"] for r in records),
-                 "seconds": sum(r["seconds"] for r in records)},
-        "distill_loss": setup.distill_loss,
-        "device": str(ws.device) if ws is not None else None,
-        "startup": startup,
-        "rounds": records,
-    }
-
+# --------------------------------------------------------------------------- the round loop
 
 def run(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike | None = None,
         resume: bool = False, progress: bool = True, stop: threading.Event | None = None,
@@ -642,59 +283,26 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
            on_progress: Progress | None = None) -> dict:
     """One communication round (``rnd == 0``: evaluate A_0 only, the reference point of every curve)."""
     t0 = time.perf_counter()
-    record: dict = {"round": rnd, "clients": clients, "lr": cfg.lr_at(rnd) if rnd else 0.0, "aligned": False,
-                    "bytes_up": 0, "bytes_down": 0, "bytes_down_weights": 0, "client_seconds": 0.0,
-                    "train_seconds": 0.0}
+    if rnd > 0 and state.package:  # the latest W_fro rides along with this round's broadcast (see weights_download)
+        for device in setup.devices:
+            align.apply_weight_package(models.unwrap(device), state.package)
+        state.package = {}
+    record, broadcasts = open_round(cfg, setup, state, rnd, clients)
+    updates: list[ClientUpdate] = []
     if rnd > 0:
-        if state.package:  # the latest W_fro rides along with this round's broadcast (see weights_download)
-            for device in setup.devices:
-                align.apply_weight_package(models.unwrap(device), state.package)
-            state.package = {}
-        weights = [weights_download(setup, state, k) for k in clients]
-        state.synced.update({k: len(state.alignments) for k in clients})
-        aligning = cfg.aligns_in(rnd)
         measure = cfg.measure_update and not setup.proxy_is_fm
         start = state.global_state
         extra = [functools.partial(fm_update, cfg, setup, ws, clients[0], rnd, start, stop)] if measure else []
         t_train = time.perf_counter()
-        results = train_clients(cfg, setup, ws, clients, rnd, start, aligning, workers, extra=extra, stop=stop,
-                                on_progress=on_progress)
-        updates: list[ClientUpdate] = results[:len(clients)]
+        results = train_clients(cfg, setup, ws, clients, rnd, start, broadcasts[0].record_stats, workers,
+                                extra=extra, stop=stop, on_progress=on_progress)
+        updates = results[:len(clients)]
         record["train_seconds"] = time.perf_counter() - t_train  # wall time; client_seconds adds up every client's
-        adapter_down = adapters.nbytes(to_proxy_names(start, setup.proxy_layers))
-        record["bytes_down_weights"] = sum(weights)
-        record["bytes_down"] = len(clients) * adapter_down + sum(weights)
-        record["bytes_up"] = sum(u.nbytes() for u in updates)
-        record["client_seconds"] = sum(u.seconds for u in updates)
         if measure:
             cos, rel = discrepancy.update_disparity(start, updates[0].adapter, results[-1])
             record.update(update_client=clients[0], update_cosine=cos, update_rel_l2=rel)
-        state.global_state = adapters.fedavg([u.adapter for u in updates], [u.num_examples for u in updates])
-    t_eval = time.perf_counter()
-    record.update(evaluate(setup, ws, state.global_state, workers, stop=stop, on_progress=on_progress, rnd=rnd))
-    record["eval_seconds"] = time.perf_counter() - t_eval
-    if rnd > 0 and cfg.aligns_in(rnd):
-        t_align = time.perf_counter()
-        stats = align.merge_stats([u.stats for u in updates])
-        updated = align.choose_updated(stats, cfg.align_proportion, cfg.align_rule, seed=cfg.seed + rnd)
-        tick = _Ticker(on_progress, rnd, "align", cfg.align_steps)
-        result = align.align_neurons(setup.fm, setup.server_proxy, ws.public, updated, cfg.align_config(rnd),
-                                     on_step=lambda step, loss: tick(), stop=stop)
-        check_stop(stop)
-        state.package = align.weight_package(models.unwrap(setup.server_proxy), updated)
-        state.alignments.append({int(layer): idx.tolist() for layer, idx in updated.items()})
-        record["aligned"] = True
-        record["align_loss"] = result.losses
-        record["align_seconds"] = time.perf_counter() - t_align
-        before = {k: record[k] for k in ("grad_cosine", "grad_rel_l2", "layer_cosine", "sub_accuracy")}
-        record["before_align"] = before
-        record.update(evaluate(setup, ws, state.global_state, workers, fm=False, stop=stop, on_progress=on_progress,
-                               rnd=rnd, stage="evaluate aligned"))
-    record["seconds"] = time.perf_counter() - t0
-    return record
-
-
-# --------------------------------------------------------------------------- persistence
+        aggregate(state, record, updates)
+    return close_round(cfg, setup, ws, state, rnd, record, updates, t0, workers, stop, on_progress)
 
 def _save(out: Path, cfg: FedConfig, setup: Setup, state: RunState, metrics: dict) -> None:
     atomic_save({"config": json.dumps(cfg.to_json(), sort_keys=True), "next_round": state.next_round,
@@ -746,3 +354,4 @@ def _load_checkpoint(blob: dict, setup: Setup) -> RunState:
     return RunState(blob["next_round"], blob["global_state"], blob["package"], blob["server_ffn"],
                     blob["device_ffn"], json.loads(blob["records"]), alignments, synced,
                     json.loads(blob.get("startup", "{}")))
+

@@ -21,6 +21,8 @@ HUB_EXAMPLES = ("bert-base-uncased", "roberta-base", "google/vit-base-patch16-22
 TINY_FMS = ("tiny-bert", "tiny-roberta", "tiny-vit")
 PICKLE_OPT_IN = "FEDPFT_LAB_ALLOW_PICKLE"   # =1: load a local folder's pickle weights (CLI: --allow-unsafe-weights)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# =1 in a federated client's process (set by the Flower ClientApp): the FM stays on the server, so load_fm refuses.
+CLIENT_PROCESS = "FEDPFT_LAB_CLIENT_PROCESS"
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,9 @@ def load_fm(fm: str = DEFAULT_FM, num_labels: int = 2, seed: int = 0,
     The head is initialised from ``seed`` explicitly so every method in a comparison starts from the same head.
     A local folder must hold safetensors weights (see :func:`check_safe_weights`).
     """
+    if os.environ.get(CLIENT_PROCESS) == "1":
+        raise ConfigError(f"a federated client process never loads the FM's weights ({fm!r}): it builds its proxy "
+                          "from the weights the server sends (fedpft_lab.core.proxy)")
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     quiet_transformers()

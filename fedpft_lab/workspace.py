@@ -45,7 +45,12 @@ class Workspace:
 
     @property
     def pad_id(self) -> int:
-        return int(getattr(self.preprocessor, "pad_token_id", 0) or 0)
+        return pad_id(self.preprocessor)
+
+
+def pad_id(preprocessor: object) -> int:
+    """The token id that pads a batch (0 for image processors, which have none)."""
+    return int(getattr(preprocessor, "pad_token_id", 0) or 0)
 
 
 def _length_sorted_batches(split: "data.EncodedSplit", batch_size: int, pad_id: int) -> list[dict]:
@@ -63,13 +68,11 @@ def prepare(cfg: DataConfig, fm: nn.Module | None = None) -> Workspace:
     """
     paths.set_offline_env()
     device = resolve_device(cfg.device)   # a missing GPU fails here, before any loading
-    task = data.load_task(cfg.task, seed=cfg.seed, max_train=cfg.max_train, max_test=cfg.max_test,
-                          balanced=cfg.use_balanced)
+    task = _load_task(cfg)
     fm = (fm if fm is not None else models.load_fm(cfg.fm, num_labels=task.num_labels, seed=cfg.seed)).to(device)
     pre = models.load_preprocessor(cfg.fm)
     train, test = data.encode_task(task, pre)
-    parts = partition(train.labels, cfg.clients, scheme=cfg.partition, alpha=cfg.alpha, seed=cfg.seed,
-                      convention=cfg.convention)
+    parts = _partition(cfg, train)
     public, heldout = split_heldout(public_inputs(cfg, pre, task))
     ws = Workspace(cfg, fm, pre, task, train, test, parts, public, heldout)
     ws.test_batches = [to_device(b, device) for b in _length_sorted_batches(test, cfg.eval_batch_size, ws.pad_id)]
@@ -78,6 +81,27 @@ def prepare(cfg: DataConfig, fm: nn.Module | None = None) -> Workspace:
     ws.probe_batches = [to_device(data.pad_batch(test, probe_idx[i:i + cfg.probe_batch_size], ws.pad_id), device)
                         for i in range(0, len(probe_idx), cfg.probe_batch_size)]
     return ws
+
+
+def _load_task(cfg: DataConfig) -> "data.TaskData":
+    return data.load_task(cfg.task, seed=cfg.seed, max_train=cfg.max_train, max_test=cfg.max_test,
+                          balanced=cfg.use_balanced)
+
+
+def _partition(cfg: DataConfig, train: "data.EncodedSplit") -> list[np.ndarray]:
+    return partition(train.labels, cfg.clients, scheme=cfg.partition, alpha=cfg.alpha, seed=cfg.seed,
+                     convention=cfg.convention)
+
+
+def client_data(cfg: DataConfig, client: int) -> tuple["data.EncodedSplit", int]:
+    """(``client``'s training shard, the pad id): what a client process holds, and no FM.
+
+    Every participant derives the same split from the same data configuration, as a Flower partitioner does.
+    """
+    paths.set_offline_env()
+    pre = models.load_preprocessor(cfg.fm)
+    train, _ = data.encode_task(_load_task(cfg), pre)
+    return train.subset(_partition(cfg, train)[client]), pad_id(pre)
 
 
 def split_heldout(public: torch.Tensor, max_heldout: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

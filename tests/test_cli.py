@@ -91,12 +91,20 @@ def test_run_table_labels_the_best_round_as_optimistic(capsys):
     (["inspect", "--retained-layers", "0 9"], "retained_layers entries must be in [0, 3]"),
     (["run", "--sample-fraction", "2"], "sample_fraction must be in (0, 1]"),
     (["run", "--workers", "0"], "workers must be in [1, inf], got 0"),
+    (["run", "--engine", "flower", "--resume"], "--resume works with --engine inprocess only"),
+    (["run", "--engine", "flower", "--measure-update"], "use --engine inprocess for it"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, capsys, args, message):
     base = ["--fm", "tiny-bert", "--max-train", "160", "--max-test", "32", "--public-blocks", "32", "--quiet"]
     assert main([*args, *base, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_client_outside_the_partitions_is_one_clear_line(capsys):
+    assert main(["client", "--server", "127.0.0.1:9092", "--partition-id", "4", "--num-partitions", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--partition-id must be in [0, 3], got 4" in err and "Traceback" not in err
 
 
 def test_csv_with_missing_column(tmp_path, capsys):
