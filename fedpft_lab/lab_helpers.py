@@ -409,3 +409,66 @@ def ours_vs_paper(final_accuracy: Mapping[str, float]) -> list[dict]:
                      "paper RoBERTa QNLI (%)": PAPER_ABLATION_QNLI[m][1],
                      "paper RoBERTa vs FedPETuning (pts)": round(roberta[m], 1)})
     return rows
+
+
+# ----------------------------------------------------------------------------- lab 08: two engines, one core
+
+ENGINE_KEYS = ("accuracy", "sub_accuracy", "grad_cosine")
+
+
+def engine_gaps(a: Sequence[Mapping], b: Sequence[Mapping], keys: Sequence[str] = ENGINE_KEYS) -> dict[str, float]:
+    """The largest absolute difference between two runs' round records, per metric (0.0: identical curves).
+
+    Rounds must match one to one: a run that stopped early is a different run, not a small difference.
+    """
+    if [r["round"] for r in a] != [r["round"] for r in b]:
+        raise ConfigError(f"the two runs have different rounds: {[r['round'] for r in a]} vs {[r['round'] for r in b]}")
+    gaps = {}
+    for key in keys:
+        pairs = [(x.get(key), y.get(key)) for x, y in zip(a, b)]
+        if any((u is None) != (v is None) for u, v in pairs):
+            gaps[key] = math.inf      # one engine measured it and the other did not
+        else:
+            gaps[key] = max((abs(u - v) for u, v in pairs if u is not None), default=0.0)
+    return gaps
+
+
+def message_sizes(rounds: Sequence[Mapping]) -> list[dict]:
+    """Per training round (MB, 10^6 bytes): what FedPFT counts it sends down and up, and what Flower's records
+    actually carried (``record["flower"]``, measured by the strategy), plus the carried/counted overhead in %."""
+    rows = []
+    for r in rounds:
+        if r["round"] == 0 or "flower" not in r:
+            continue
+        f = r["flower"]
+        counted, carried = r["bytes_down"] + r["bytes_up"], f["bytes_down"] + f["bytes_up"]
+        rows.append({"round": r["round"], "clients": len(r["clients"]),
+                     "down MB (counted)": r["bytes_down"] / 1e6, "down MB (carried)": f["bytes_down"] / 1e6,
+                     "up MB (counted)": r["bytes_up"] / 1e6, "up MB (carried)": f["bytes_up"] / 1e6,
+                     "overhead %": 100 * (carried / counted - 1) if counted else None})
+    return rows
+
+
+def holdings(metrics: Mapping) -> dict[str, dict[str, float]]:
+    """What each kind of process holds, in MB of fp32 weights: the server the FM and its proxy copy, a client only
+    its proxy; both the adapter (LoRA + head)."""
+    p = metrics["params"]
+    adapter = 4 * p["trainable"] / 1e6
+    return {"server (ServerApp)": {"FM weights": p["fm_frozen_bytes"] / 1e6, "proxy weights": p["proxy_frozen_bytes"] / 1e6,
+                                   "adapter": adapter},
+            "client (ClientApp)": {"FM weights": 0.0, "proxy weights": p["proxy_frozen_bytes"] / 1e6,
+                                   "adapter": adapter}}
+
+
+def fm_refused_in_client(fm: str = models.DEFAULT_FM, timeout: float = 300) -> str:
+    """Try to load the FM in a fresh process marked as a federated client, as the ClientApp marks its own, and
+    return the one-line error it gets (the guard in :func:`fedpft_lab.models.load_fm`)."""
+    import subprocess
+    import sys
+
+    code = f"from fedpft_lab import models; models.load_fm({fm!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, models.CLIENT_PROCESS: "1"})
+    if done.returncode == 0:
+        raise RuntimeError("a client process loaded the FM: the guard in models.load_fm is gone")
+    return done.stderr.strip().splitlines()[-1]

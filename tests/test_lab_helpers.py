@@ -267,3 +267,44 @@ def test_gap_closed_is_scale_free_and_matches_the_paper():
     assert H.gap_closed(bert) == pytest.approx((87.5 - 83.9) / (88.4 - 83.9))
     assert H.gap_closed({m: a / 100 for m, a in bert.items()}) == pytest.approx(H.gap_closed(bert))
     assert H.gap_closed({"fedpft": 0.7, "fedot": 0.7, "fedpetuning": 0.7}) is None
+
+
+# ----------------------------------------------------------------------------- lab 08: two engines
+
+def _rounds(acc, sub, cos):
+    return [{"round": i, "accuracy": a, "sub_accuracy": s, "grad_cosine": c} for i, (a, s, c) in enumerate(zip(acc, sub, cos))]
+
+
+def test_engine_gaps_are_zero_for_equal_runs_and_the_largest_difference_otherwise():
+    a = _rounds([0.5, 0.6, 0.7], [0.5, 0.55, 0.6], [0.9, 0.8, 0.85])
+    assert H.engine_gaps(a, [dict(r) for r in a]) == {"accuracy": 0.0, "sub_accuracy": 0.0, "grad_cosine": 0.0}
+    b = _rounds([0.5, 0.6, 0.75], [0.5, 0.45, 0.6], [0.9, 0.8, 0.85])
+    gaps = H.engine_gaps(a, b)
+    assert gaps["accuracy"] == pytest.approx(0.05) and gaps["sub_accuracy"] == pytest.approx(0.10)
+    assert gaps["grad_cosine"] == 0.0
+    b[1]["grad_cosine"] = None                     # measured by one engine only: not "close", infinitely far
+    assert H.engine_gaps(a, b)["grad_cosine"] == float("inf")
+    with pytest.raises(ConfigError, match="different rounds"):
+        H.engine_gaps(a, b[:2])
+
+
+def test_message_sizes_compare_counted_and_carried_bytes_per_training_round():
+    rounds = [{"round": 0, "clients": [], "bytes_down": 0, "bytes_up": 0},
+              {"round": 1, "clients": [0, 2], "bytes_down": 2_000_000, "bytes_up": 1_000_000,
+               "flower": {"bytes_down": 2_010_000, "bytes_up": 1_020_000}}]
+    (row,) = H.message_sizes(rounds)
+    assert row["round"] == 1 and row["clients"] == 2
+    assert row["down MB (counted)"] == 2.0 and row["down MB (carried)"] == pytest.approx(2.01)
+    assert row["overhead %"] == pytest.approx(100 * (3_030_000 / 3_000_000 - 1))
+
+
+def test_holdings_give_the_fm_to_the_server_only():
+    held = H.holdings({"params": {"fm_frozen_bytes": 90e6, "proxy_frozen_bytes": 76e6, "trainable": 1000}})
+    server, client = held["server (ServerApp)"], held["client (ClientApp)"]
+    assert server["FM weights"] == 90.0 and client["FM weights"] == 0.0
+    assert server["proxy weights"] == client["proxy weights"] == 76.0 and client["adapter"] == pytest.approx(0.004)
+
+
+def test_a_process_marked_as_a_client_cannot_load_the_fm():
+    line = H.fm_refused_in_client("tiny-bert")
+    assert "never loads the FM" in line and "\n" not in line

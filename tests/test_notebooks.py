@@ -118,6 +118,18 @@ EXPECTATIONS: dict[str, dict[str, object]] = {
             r["final_accuracy"]) and r["vs_fedpft"]["fedpft"] is None and r["vs_fedpft"]["fedpft-n"]["ci"] is not None,
         "exercise_ok": True,
     },
+    "08_simulation_to_deployment": {
+        "clients": 4,
+        "rounds": 2,
+        "aligned_rounds": [1],
+        "identical": True,                  # the engines share the core: equal, not merely close
+        "same_clients": True,
+        "processes_left": 0,                # every Flower process stopped by its PID
+        "processes_stopped": lambda n: isinstance(n, int) and n >= 5,   # a SuperLink, 4 SuperNodes (+ children)
+        "fm_refused": True,                 # a client process cannot load the FM
+        "max_overhead_percent": (0.0, 5.0), # Flower carries what FedPFT counts, within 5%
+        "exercise_ok": True,
+    },
     "07_why_alignment_matters": {
         "num_steps": 1000,
         "bound_holds": True,
