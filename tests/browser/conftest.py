@@ -204,9 +204,9 @@ def screenshots() -> Path:
 
 # ----------------------------------------------------------------------------- driving a notebook
 
-def prepare_notebook(server: JupyterServer, lab: str, smoke: bool) -> tuple[str, int]:
+def prepare_notebook(server: JupyterServer, lab: str, smoke: bool) -> tuple[str, int | None]:
     """Copy ``labs/<lab>.ipynb`` into the server's root with papermill-style injected parameters (SMOKE, live
-    widgets, OUT_DIR in the session's tmp dir). Returns the copy's name and the index of its live-panel cell."""
+    widgets, OUT_DIR in the session's tmp dir). Returns the copy's name and the index of its live-panel cell (None: the lab has none)."""
     import nbformat
 
     name = f"{lab}{'' if smoke else '_default'}.ipynb"
@@ -219,8 +219,8 @@ def prepare_notebook(server: JupyterServer, lab: str, smoke: bool) -> tuple[str,
     notebook.cells.insert(at + 1, injected)
     nbformat.write(notebook, server.root / name)
     panel = [i for i, c in enumerate(notebook.cells) if c.cell_type == "code" and "if not HEADLESS" in c.source]
-    assert len(panel) == 1, f"{lab}: expected one live-panel cell (`if not HEADLESS: display(...)`), found {panel}"
-    return name, panel[0]
+    assert len(panel) <= 1, f"{lab}: expected one live-panel cell (`if not HEADLESS: display(...)`), found {panel}"
+    return name, panel[0] if panel else None
 
 
 # JavaScript run in the page. The notebook model (outputs as nbformat JSON) comes from JupyterLab's own objects
@@ -315,6 +315,7 @@ class LabPage:
 
     def panel(self):
         """The output area of the live-panel cell."""
+        assert self.panel_index is not None, f"{self.name} has no live panel"
         return self.page.locator(".jp-Notebook .jp-Cell").nth(self.panel_index).locator(".jp-OutputArea")
 
     def figures(self, root=None) -> list[dict]:

@@ -24,6 +24,7 @@ LABS = ["01_clients_and_skew", "02_building_a_sub_fm", "03_layer_level_distillat
         "07_why_alignment_matters"]
 DEFAULT_SIZE = ["01_clients_and_skew", "02_building_a_sub_fm", "03_layer_level_distillation",
                 "07_why_alignment_matters"]                 # their Run All at default sizes takes under a minute
+WITHOUT_PANEL = ["08_simulation_to_deployment"]             # Run All and the static checks only
 RAW_REPR = re.compile(r"\{\s*['\"\d]|PosixPath\(")                     # a printed dict or path repr
 
 
@@ -81,6 +82,17 @@ def test_lab_in_the_browser(lab_name, open_lab, screenshots, feedback_log):
     finally:
         with contextlib.suppress(Exception):          # a failed screenshot must not hide the failure itself
             lab.screenshot(screenshots, "panel", panel)
+
+
+@pytest.mark.parametrize("lab_name", WITHOUT_PANEL)
+def test_lab_without_a_live_panel_in_the_browser(lab_name, open_lab, screenshots):
+    """Lab 08 has no live panel (its Flower run is too slow for sliders): Run All (SMOKE) and the static checks."""
+    lab = open_lab(lab_name, smoke=True)
+    seconds = lab.run_all()
+    print(f"{lab_name}: Run All (SMOKE) {seconds:.1f} s")
+    check_run_all(lab)
+    for i, figure in enumerate(lab.notebook().locator(".js-plotly-plot").all()):
+        lab.screenshot(screenshots, f"figure{i:02d}", figure)
 
 
 @pytest.mark.parametrize("lab_name", DEFAULT_SIZE)
@@ -391,3 +403,10 @@ def panel_06(lab, panel, feedback_log, shoot):
 PANELS = {"01_clients_and_skew": panel_01, "02_building_a_sub_fm": panel_02, "03_layer_level_distillation": panel_03,
           "04_federated_proxy_finetuning": panel_04, "05_gradient_discrepancy": panel_05,
           "06_baselines_and_ablations": panel_06, "07_why_alignment_matters": panel_07}
+
+
+def test_every_lab_is_in_the_browser_suite():
+    from pathlib import Path
+
+    labs = {p.stem for p in (Path(__file__).resolve().parents[2] / "labs").glob("[0-9][0-9]_*.ipynb")}
+    assert labs == set(LABS) | set(WITHOUT_PANEL), "add the new lab to LABS (with its panel check) or WITHOUT_PANEL"
