@@ -105,6 +105,9 @@ def student_notebook(path: Path) -> str:
     return body if body.endswith("\n") else body + "\n"
 
 
+INSTRUCTOR_ONLY = {"INSTRUCTOR.md"}   # notes in the labs folder that never go to participants
+
+
 def write_student_edition(out_dir: str | Path, labs: str | Path = LABS_DIR) -> list[Path]:
     """Write the student edition of every lab in ``labs`` to ``out_dir``, with the Markdown notes the labs link
     to (``METHOD.md``). The notebooks import the installed ``fedpft_lab``, so they run from ``out_dir``."""
@@ -121,6 +124,8 @@ def write_student_edition(out_dir: str | Path, labs: str | Path = LABS_DIR) -> l
         (out / name).write_text(text, encoding="utf-8")
         written.append(out / name)
     for note in sorted(labs.glob("*.md")):
+        if note.name in INSTRUCTOR_ONLY:     # the guide holds the exercises' answers
+            continue
         shutil.copy2(note, out / note.name)
         written.append(out / note.name)
     return written
