@@ -105,7 +105,8 @@ def _fed_config(a: argparse.Namespace, method: str | None = None):
               retained_layers=a.retained_layers, selection=a.selection, distill_steps=a.distill_steps,
               align_interval=a.align_interval, align_proportion=a.align_proportion,
               align_steps=a.align_steps, align_rule=a.align_rule, lora_rank=a.lora_rank,
-              dropout=a.dropout, measure_update=a.measure_update, seed=a.seed)
+              dropout=a.dropout, measure_update=a.measure_update, group_by_length=a.group_by_length,
+              seed=a.seed)
     return FedConfig(data=_data_config(a), **kw)
 
 
@@ -122,6 +123,9 @@ def _add_fed_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--lora-rank", type=int, default=f["lora_rank"])
     p.add_argument("--dropout", action="store_true", default=f["dropout"],
                    help="train clients with dropout (LoRA 0.1 + the FM's own), as the official code; slower")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=f["group_by_length"],
+                   help="client batches of similar length: the same epochs with almost no padding, faster "
+                        "(default: the preset's; --no-group-by-length: random batches, as before)")
     p.add_argument("--align-interval", type=int, default=f["align_interval"], help="t: align every t rounds")
     p.add_argument("--align-proportion", type=float, default=f["align_proportion"],
                    help="p: fraction of each compressed FFN's neurons updated at an alignment, (0, 1]")

@@ -41,7 +41,9 @@ def test_field_defaults_are_the_defaults_of_an_instance():
 
 
 def test_workshop_is_the_default_and_lab_smoke_are_what_the_labs_run():
-    assert presets.preset_config("workshop") == FedConfig()
+    # the default run is FedConfig() with length-grouped client batches (FedConfig() keeps stored runs' batching)
+    assert presets.preset_config("workshop") == dataclasses.replace(FedConfig(), group_by_length=True)
+    assert not FedConfig().group_by_length and not presets.preset_config("lab").group_by_length
     assert presets.preset_config("lab") == lab_helpers.lab_config("fedpft")
     assert presets.preset_config("smoke") == lab_helpers.lab_config("fedpft", smoke=True)
     assert presets.preset_config("lab", seed=3) == lab_helpers.lab_config("fedpft", seed=3)  # seed sets both
@@ -78,6 +80,8 @@ def test_cli_preset_gives_defaults_that_flags_override():
 
 def test_cli_without_preset_is_the_workshop_run():
     a = cli.build_parser().parse_args(["run"])
+    assert cli._fed_config(a) == presets.preset_config("workshop")
+    a = cli.build_parser().parse_args(["run", "--no-group-by-length"])   # the batching of runs made before it
     assert cli._fed_config(a) == FedConfig()
 
 
