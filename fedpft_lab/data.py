@@ -962,14 +962,14 @@ def pad_batch(split: EncodedSplit, idx: np.ndarray, pad_id: int = 0) -> dict[str
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffled batches (index arrays) of examples of (nearly) equal length, covering every example once.
 
-    The examples are sorted by length, ties in random order, cut into batches, and the batches shuffled: each
-    batch pads to its own longest row, so almost no padding is computed, while which equal-length examples share
-    a batch and the order of the batches still change with every seed. One batch (the longest rows) may be
-    smaller than ``batch_size``.
+    The examples are sorted by length, longest first, ties in random order, cut into batches, and the batches
+    shuffled: each batch pads to its own longest row, so almost no padding is computed, while which equal-length
+    examples share a batch and the order of the batches still change with every seed. The batch of the shortest
+    rows may be smaller than ``batch_size``.
     """
     lengths = np.asarray(lengths)
     shuffled = rng.permutation(len(lengths))
-    by_length = shuffled[np.argsort(lengths[shuffled], kind="stable")]
+    by_length = shuffled[np.argsort(-lengths[shuffled], kind="stable")]
     batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
     return [batches[j] for j in rng.permutation(len(batches))]
 
