@@ -349,9 +349,12 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--skip-notebooks", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
-    p.add_argument("--only", choices=("clients-scaling",), default=None,
+    p.add_argument("--only", choices=("clients-scaling", "default-speed"), default=None,
                    help="clients-scaling: peak memory and time per round of 2-round runs with 20, 200 and 2000 "
-                        "clients (same clients per round), each in its own process")
+                        "clients (same clients per round), each in its own process; default-speed: the warm "
+                        "default run with random (before) and length-grouped (now) client batches, side by side, "
+                        "and its FLOP efficiency")
+    p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path, alternating")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="one self-contained HTML page (works offline) from a run or compare folder")

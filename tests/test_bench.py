@@ -165,3 +165,28 @@ def test_clients_scaling_runs_each_point_in_a_fresh_process():
     assert all(p["peak_rss_mb"] > 0 and len(p["round_seconds"]) == 2 for p in points)
     assert r["peak_rss_ratio"] >= 1 and r["round_seconds_ratio"] >= 1
     assert "clients scaling" in bench.format_scaling(r)
+
+
+def test_default_speed_times_both_batchings_as_whole_commands(tmp_path, monkeypatch):
+    """Both paths run as fresh ``fedpft-lab run`` commands; grouping pads less and computes fewer FLOPs; the
+    figures land in bench.json next to whatever the full bench wrote there."""
+    from fedpft_lab.presets import preset_config
+    from fedpft_lab.workspace import prepare
+
+    r = bench.default_speed("tiny-bert", preset="smoke", log=lambda _: None)
+    old, now = r["paths"]["random batches (before)"], r["paths"]["length-grouped (now)"]
+    assert "--no-group-by-length" in old["command"] and "--group-by-length" in now["command"]
+    assert now["padding_fraction"] < old["padding_fraction"]
+    assert all(p["seconds"] > p["runs"][0]["startup_seconds"] > 0 and p["cpu_seconds"] > 0 for p in (old, now))
+    assert r["speedup"] == pytest.approx(old["seconds"] / now["seconds"])
+    assert r["fraction_of_peak"] == pytest.approx(r["run_flops"] / now["seconds"] / r["peak_flops"])
+    cfg = dataclasses.replace(preset_config("smoke", fm="tiny-bert", device="cpu"), group_by_length=True)
+    ws = prepare(cfg.data)
+    assert bench.run_flops(dataclasses.replace(cfg, group_by_length=False), ws) > r["run_flops"] > 0
+    assert "speed-up" in bench.format_speed(r)
+
+    (tmp_path / "bench.json").write_text(json.dumps({"training": {"fm": {}}}))
+    monkeypatch.setattr(bench, "default_speed", lambda fm, repeats: r)
+    bench.main(argparse.Namespace(out=str(tmp_path), skip_notebooks=True, quick=False, fm="tiny-bert",
+                                  only="default-speed", repeats=1))
+    assert json.loads((tmp_path / "bench.json").read_text()).keys() == {"training", "default_speed"}
