@@ -580,7 +580,8 @@ def default_speed(fm: str = models.DEFAULT_FM, repeats: int = 1, preset: str = "
     from .presets import preset_config
 
     log("default speed: matmul peak ...")
-    peak = machine_info(BenchConfig(matmul_seconds=0.5, matmul_repeats=3))["peak_flops"]
+    with parallel.torch_threads(parallel.default_workers()):   # the run keeps every core busy, one thread each
+        peak = machine_info(BenchConfig(matmul_seconds=0.5, matmul_repeats=3))["peak_flops"]
     new = replace(preset_config(preset, fm=fm, device="cpu"), group_by_length=True)
     configs = {"random batches (before)": replace(new, group_by_length=False), "length-grouped (now)": new}
     ws = prepare(new.data)
