@@ -26,6 +26,13 @@ for m in methods:
     ci = f"[{100*d['ci'][0]:+.1f}, {100*d['ci'][1]:+.1f}]" if d["ci"] else "(one seed: no interval)"
     lines.append(f"| {m} | {','.join(map(str, seeds))} | {', '.join(f'{100*ra[s]:.1f}' for s in seeds)} | "
                  f"{', '.join(f'{100*rb[s]:.1f}' for s in seeds)} | {100*d['mean']:+.1f} {ci} |")
+diffs = [table["methods"][m]["grouped"][s] - table["methods"][m]["random"][s]
+         for m in table["methods"] for s in table["methods"][m]["seeds"]]
+if diffs:
+    pooled = mean_ci(diffs)
+    table["pooled"] = pooled   # every (method, seed) pair, as if independent: a rough overall read
+    ci = f"[{100*pooled['ci'][0]:+.1f}, {100*pooled['ci'][1]:+.1f}]" if pooled["ci"] else ""
+    lines.append(f"| all pairs | {len(diffs)} pairs | | | {100*pooled['mean']:+.1f} {ci} |")
 out.mkdir(parents=True, exist_ok=True)
 (out / "check.json").write_text(json.dumps(table, indent=1))
 print("\n".join(lines))
