@@ -19,6 +19,10 @@ LoRA side paths and Python overhead do not. So the bench measures, in one proces
 2-round run with 20, 200 and 2000 clients (the same number of them per round), each in a fresh process.
 Only the sampled clients of a round hold a model and an optimiser, so both should stay flat.
 
+``--only default-speed`` times the warm default ``fedpft-lab run`` twice in one bench run, as whole commands in
+fresh processes: with random client batches (the default) and with length-grouped ones
+(``--group-by-length``); it adds the padding share of each and the FLOP efficiency of the run.
+
 Every figure depends on what else the machine is doing; the load average is recorded next to them.
 The bench measures the CPU (device="cpu"), the machine the lab is built for.
 """
@@ -527,6 +531,132 @@ def format_scaling(r: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- the default run, before and now
+
+SPEED_PATHS = {"random batches (default)": ["--no-group-by-length"], "length-grouped": ["--group-by-length"]}
+
+
+def run_command_seconds(args: list[str]) -> dict:
+    """Wall and CPU seconds of one ``fedpft-lab run`` in a fresh process (imports included), and its metrics."""
+    with tempfile.TemporaryDirectory(prefix="fedpft-speed-") as tmp:
+        cmd = [sys.executable, "-m", "fedpft_lab", "run", "--out", tmp, "--quiet", "--device", "cpu", *args]
+        before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=LABS_DIR.parent)
+        wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd[2:])} failed: {done.stderr.strip()[-2000:]}")
+        metrics = json.loads((Path(tmp) / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    return {"seconds": wall, "cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+            "startup_seconds": (metrics.get("startup") or {}).get("seconds_since_process_start"),
+            "train_seconds": sum(r.get("train_seconds", 0.0) for r in rounds),
+            "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in rounds),
+            "align_seconds": sum(r.get("align_seconds", 0.0) for r in rounds),
+            "final_accuracy": metrics["final_accuracy"], "loadavg": list(os.getloadavg())}
+
+
+def run_batches(cfg: federation.FedConfig, ws: Workspace) -> list[dict]:
+    """Every client batch ``cfg``'s run trains on (the same order and padding as :func:`federation.local_train`)."""
+    out = []
+    for rnd, clients in enumerate(federation.sample_clients(cfg), start=1):
+        for k in clients:
+            seed = federation.client_seed(cfg, rnd, k)
+            for epoch in range(cfg.local_epochs):
+                out += data.iterate_batches(ws.train.subset(ws.parts[k]), cfg.batch_size, shuffle=True,
+                                            seed=seed + epoch, pad_id=ws.pad_id, group_by_length=cfg.group_by_length)
+    return out
+
+
+def run_flops(cfg: federation.FedConfig, ws: Workspace) -> int:
+    """Every FLOP of ``cfg``'s run from round 0 to the end (client training, evaluation, the gradient probe,
+    alignment), counted by torch's FlopCounterMode on one worker (the counter sees one thread; the numbers of a run
+    do not depend on the workers). The sub-FM is cached, as in a warm run, so distillation is not counted."""
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        federation.run(cfg, ws, progress=False, workers=1)
+    return int(counter.get_total_flops())
+
+
+def default_speed(fm: str = models.DEFAULT_FM, repeats: int = 1, preset: str = "workshop", log=print) -> dict:
+    """The warm default ``fedpft-lab run`` (workshop preset, cached sub-FM and data) with random client batches, as
+    before, and with length-grouped ones, as whole commands in fresh processes, alternating (A B, then B A, ...) so
+    that load from other work hits both alike. Also the padding share of each run's client batches, the FLOPs of
+    the default run and its FLOP efficiency: all FLOPs / wall time / this machine's matmul peak. (``preset`` and
+    ``fm``: other sizes, e.g. a seconds-long check with ``smoke`` and ``tiny-bert``.)"""
+    from .presets import preset_config
+
+    log("default speed: matmul peak ...")
+    with parallel.torch_threads(parallel.default_workers()):   # the run keeps every core busy, one thread each
+        peak = machine_info(BenchConfig(matmul_seconds=0.5, matmul_repeats=3))["peak_flops"]
+    new = replace(preset_config(preset, fm=fm, device="cpu"), group_by_length=True)
+    configs = {"random batches (default)": replace(new, group_by_length=False), "length-grouped": new}
+    ws = prepare(new.data)
+    federation.build_setup(new, ws, progress=False)   # a warm run: the distilled sub-FM is on disk
+    padding = {name: padding_fraction(run_batches(cfg, ws)) for name, cfg in configs.items()}
+    times: dict[str, list[dict]] = {name: [] for name in SPEED_PATHS}
+    for i in range(repeats):
+        for name in (list(SPEED_PATHS) if i % 2 == 0 else list(reversed(SPEED_PATHS))):
+            log(f"default speed: fedpft-lab run {' '.join(SPEED_PATHS[name])} ({i + 1}/{repeats}) ...")
+            times[name].append(run_command_seconds(["--preset", preset, "--fm", fm, *SPEED_PATHS[name]]))
+    log("default speed: counting the FLOPs of the default run ...")
+    flops = run_flops(configs["random batches (default)"], ws)
+    paths = {name: {"command": f"fedpft-lab run {' '.join(SPEED_PATHS[name])}", "padding_fraction": padding[name],
+                    "runs": runs, "seconds": min(r["seconds"] for r in runs),
+                    "cpu_seconds": min(r["cpu_seconds"] for r in runs)} for name, runs in times.items()}
+    old, now = paths["random batches (default)"], paths["length-grouped"]
+    return {"fm": fm, "preset": preset, "repeats": repeats, "peak_flops": peak, "paths": paths,
+            "speedup": old["seconds"] / now["seconds"], "cpu_speedup": old["cpu_seconds"] / now["cpu_seconds"],
+            "same_accuracy_per_path": {n: sorted({r["final_accuracy"] for r in p["runs"]}) for n, p in paths.items()},
+            "run_flops": flops, "flops_per_s": flops / old["seconds"],      # the default run's efficiency
+            "fraction_of_peak": flops / old["seconds"] / peak, "loadavg": list(os.getloadavg()),
+            "git_commit": git_commit()}
+
+
+def format_speed(r: dict) -> str:
+    lines = [f"default run ({r['fm']}, {r['preset']} preset, warm caches; whole commands, fastest of {r['repeats']}; "
+             f"load average {r['loadavg'][0]:.1f} at the end):",
+             "  path                       wall s   CPU s   start-up s   train s   eval s   align s   padding   acc"]
+    for name, p in r["paths"].items():
+        best = min(p["runs"], key=lambda x: x["seconds"])
+        lines.append(f"  {name:<25} {p['seconds']:7.1f}  {p['cpu_seconds']:6.1f}   {best['startup_seconds']:10.1f}"
+                     f"   {best['train_seconds']:7.1f}  {best['eval_seconds']:6.1f}   {best['align_seconds']:7.1f}"
+                     f"   {p['padding_fraction']:6.1%}   {best['final_accuracy']:.3f}")
+    lines.append(f"  speed-up {r['speedup']:.2f}x wall, {r['cpu_speedup']:.2f}x CPU time")
+    lines.append(f"  the default run: {r['run_flops'] / 1e12:.2f} TFLOP in {r['paths']['random batches (default)']['seconds']:.1f} s"
+                 f" = {_g(r['flops_per_s'])}FLOP/s, {r['fraction_of_peak']:.1%} of the matmul peak ({_g(r['peak_flops'])}FLOP/s)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- engines: one run, two engines
+
+ENGINES = ("inprocess", "flower")
+
+
+def engine_overhead(fm: str = models.DEFAULT_FM, preset: str = "workshop", log=print) -> dict:
+    """The warm default ``fedpft-lab run`` on each engine, as whole commands in fresh processes one after the other:
+    wall and CPU time (of this process's children: the Flower processes included), each as a ratio to the
+    in-process engine, and whether both ended on the same accuracy (they must: one core, two engines)."""
+    runs = {}
+    for engine in ENGINES:
+        log(f"engines: fedpft-lab run --engine {engine} --preset {preset} ...")
+        runs[engine] = run_command_seconds(["--preset", preset, "--fm", fm, "--engine", engine])
+    base = runs["inprocess"]
+    return {"fm": fm, "preset": preset, "runs": runs,
+            "wall_ratio": {e: r["seconds"] / base["seconds"] for e, r in runs.items()},
+            "cpu_ratio": {e: r["cpu_seconds"] / base["cpu_seconds"] for e, r in runs.items()},
+            "same_final_accuracy": len({r["final_accuracy"] for r in runs.values()}) == 1,
+            "loadavg": list(os.getloadavg()), "git_commit": git_commit()}
+
+
+def format_engines(r: dict) -> str:
+    lines = [f"engines ({r['fm']}, {r['preset']} preset, warm caches, whole commands; load average "
+             f"{r['loadavg'][0]:.1f} at the end):", "  engine       wall s   CPU s   x in-process (wall, CPU)   accuracy"]
+    for e, run in r["runs"].items():
+        lines.append(f"  {e:<11} {run['seconds']:7.1f} {run['cpu_seconds']:7.1f}   {r['wall_ratio'][e]:6.2f}x  "
+                     f"{r['cpu_ratio'][e]:6.2f}x              {run['final_accuracy']:.4f}")
+    lines.append(f"  same final accuracy on both engines: {r['same_final_accuracy']}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- 7. notebooks
 
 @contextlib.contextmanager
@@ -692,6 +822,22 @@ def main(args: argparse.Namespace) -> dict:
         point = scaling_point(args.scaling_point, getattr(args, "fm", models.DEFAULT_FM))
         print(json.dumps(point))
         return point
+    if getattr(args, "only", None) == "default-speed":
+        result = default_speed(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "repeats", 1) or 1)
+        path = Path(args.out) / "bench.json"
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        write_json({**merged, "default_speed": result}, path)   # next to the full bench's figures, if any
+        print(format_speed(result))
+        print(f"results: {path}")
+        return result
+    if getattr(args, "only", None) == "engines":
+        result = engine_overhead(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "preset", "workshop"))
+        path = Path(args.out) / "bench.json"
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        write_json({**merged, "engines": result}, path)
+        print(format_engines(result))
+        print(f"results: {path}")
+        return result
     if getattr(args, "only", None) == "clients-scaling":
         result = clients_scaling(getattr(args, "fm", models.DEFAULT_FM))
         path = Path(args.out) / "clients_scaling.json"
@@ -716,8 +862,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fm", default=models.DEFAULT_FM, help="minilm (default) or tiny-bert for a seconds-long check")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is faster when other jobs share the CPU")
-    p.add_argument("--only", choices=("clients-scaling",), default=None,
-                   help="clients-scaling: peak memory and time per round with 20, 200 and 2000 clients")
+    p.add_argument("--only", choices=("clients-scaling", "default-speed", "engines"), default=None,
+                   help="clients-scaling: peak memory and time per round with 20, 200 and 2000 clients; "
+                        "default-speed: the default run with random and with length-grouped client batches; "
+                        "engines: the default run in-process and on a local Flower deployment")
+    p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path (alternating)")
     p.add_argument("--scaling-point", type=int, default=None, help=argparse.SUPPRESS)  # a child of clients-scaling
     return p
 

@@ -105,7 +105,8 @@ def _fed_config(a: argparse.Namespace, method: str | None = None):
               retained_layers=a.retained_layers, selection=a.selection, distill_steps=a.distill_steps,
               align_interval=a.align_interval, align_proportion=a.align_proportion,
               align_steps=a.align_steps, align_rule=a.align_rule, lora_rank=a.lora_rank,
-              dropout=a.dropout, measure_update=a.measure_update, seed=a.seed)
+              dropout=a.dropout, measure_update=a.measure_update, group_by_length=a.group_by_length,
+              seed=a.seed)
     return FedConfig(data=_data_config(a), **kw)
 
 
@@ -122,6 +123,9 @@ def _add_fed_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--lora-rank", type=int, default=f["lora_rank"])
     p.add_argument("--dropout", action="store_true", default=f["dropout"],
                    help="train clients with dropout (LoRA 0.1 + the FM's own), as the official code; slower")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=f["group_by_length"],
+                   help="client batches of similar length: the same epochs with almost no padding, faster "
+                        "(default: off, random batches; opt-in until its accuracy check is complete)")
     p.add_argument("--align-interval", type=int, default=f["align_interval"], help="t: align every t rounds")
     p.add_argument("--align-proportion", type=float, default=f["align_proportion"],
                    help="p: fraction of each compressed FFN's neurons updated at an alignment, (0, 1]")
@@ -421,9 +425,13 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--skip-notebooks", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
-    p.add_argument("--only", choices=("clients-scaling",), default=None,
+    p.add_argument("--only", choices=("clients-scaling", "default-speed", "engines"), default=None,
                    help="clients-scaling: peak memory and time per round of 2-round runs with 20, 200 and 2000 "
-                        "clients (same clients per round), each in its own process")
+                        "clients (same clients per round), each in its own process; default-speed: the warm "
+                        "default run with random (the default) and length-grouped client batches, side by side, "
+                        "and its FLOP efficiency; engines: the default run in-process and on a local Flower "
+                        "deployment, wall time as a ratio to in-process")
+    p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path, alternating")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="one self-contained HTML page (works offline) from a run or compare folder")

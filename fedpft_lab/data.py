@@ -959,14 +959,35 @@ def pad_batch(split: EncodedSplit, idx: np.ndarray, pad_id: int = 0) -> dict[str
     return batch
 
 
-def iterate_batches(split: EncodedSplit, batch_size: int, *, shuffle: bool = False,
-                    seed: int | None = None, pad_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Padded batches covering the split once (the last one may be smaller).
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches (index arrays) of examples of (nearly) equal length, covering every example once.
 
-    With ``shuffle`` the order comes from ``seed``; pass a different seed each epoch.
+    The examples are sorted by length, longest first, ties in random order, cut into batches, and the batches
+    shuffled: each batch pads to its own longest row, so almost no padding is computed, while which equal-length
+    examples share a batch and the order of the batches still change with every seed. The batch of the shortest
+    rows may be smaller than ``batch_size``.
+    """
+    lengths = np.asarray(lengths)
+    shuffled = rng.permutation(len(lengths))
+    by_length = shuffled[np.argsort(-lengths[shuffled], kind="stable")]
+    batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+    return [batches[j] for j in rng.permutation(len(batches))]
+
+
+def iterate_batches(split: EncodedSplit, batch_size: int, *, shuffle: bool = False,
+                    seed: int | None = None, pad_id: int = 0,
+                    group_by_length: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches covering the split once (the last one, or with ``group_by_length`` one, may be smaller).
+
+    With ``shuffle`` the order comes from ``seed``; pass a different seed each epoch. With ``group_by_length``
+    as well, batches hold examples of similar length (:func:`length_grouped_batches`; images: no effect).
     """
     check_range("batch_size", batch_size, 1, None)
     n = len(split)
-    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    for start in range(0, n, batch_size):
-        yield pad_batch(split, order[start:start + batch_size], pad_id=pad_id)
+    if shuffle and group_by_length and split.input_ids:
+        batches = length_grouped_batches([len(r) for r in split.input_ids], batch_size, np.random.default_rng(seed))
+    else:
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        batches = [order[start:start + batch_size] for start in range(0, n, batch_size)]
+    for idx in batches:
+        yield pad_batch(split, idx, pad_id=pad_id)

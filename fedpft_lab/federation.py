@@ -79,6 +79,8 @@ def result_config(cfg: FedConfig) -> dict:
         drop += ["selection"]        # the emulator's size follows the sub-FM's parameter count, not its neurons
     if not cfg.dropout:
         drop += ["lora_dropout"]
+    if not cfg.group_by_length:
+        drop += ["group_by_length"]  # random batches: the key of the runs made before the field existed
     for k in drop:
         out.pop(k)
     # Every CPU computes the same numbers whichever name chose it; a GPU's are its own (cached apart).
@@ -117,7 +119,8 @@ def fm_update(cfg: FedConfig, setup: Setup, ws: Workspace, client: int, rnd: int
     model = setup.trainable_fm()
     adapters.load_adapter_state(model, global_state)
     local_train(model, ws.train.subset(ws.parts[client]), cfg.local_epochs, cfg.batch_size, cfg.lr_at(rnd),
-                cfg.max_grad_norm, client_seed(cfg, rnd, client), ws.pad_id, dropout=cfg.dropout, stop=stop)
+                cfg.max_grad_norm, client_seed(cfg, rnd, client), ws.pad_id, dropout=cfg.dropout, stop=stop,
+                group_by_length=cfg.group_by_length)
     return adapters.adapter_state(model)
 
 

@@ -165,3 +165,46 @@ def test_clients_scaling_runs_each_point_in_a_fresh_process():
     assert all(p["peak_rss_mb"] > 0 and len(p["round_seconds"]) == 2 for p in points)
     assert r["peak_rss_ratio"] >= 1 and r["round_seconds_ratio"] >= 1
     assert "clients scaling" in bench.format_scaling(r)
+
+
+def test_default_speed_times_both_batchings_as_whole_commands(tmp_path, monkeypatch):
+    """Both paths run as fresh ``fedpft-lab run`` commands; grouping pads less and computes fewer FLOPs; the
+    figures land in bench.json next to whatever the full bench wrote there."""
+    from fedpft_lab.presets import preset_config
+    from fedpft_lab.workspace import prepare
+
+    r = bench.default_speed("tiny-bert", preset="smoke", log=lambda _: None)
+    old, now = r["paths"]["random batches (default)"], r["paths"]["length-grouped"]
+    assert "--no-group-by-length" in old["command"] and "--group-by-length" in now["command"]
+    assert now["padding_fraction"] < old["padding_fraction"]
+    assert all(p["seconds"] > p["runs"][0]["startup_seconds"] > 0 and p["cpu_seconds"] > 0 for p in (old, now))
+    assert r["speedup"] == pytest.approx(old["seconds"] / now["seconds"])
+    assert r["fraction_of_peak"] == pytest.approx(r["run_flops"] / old["seconds"] / r["peak_flops"])
+    cfg = dataclasses.replace(preset_config("smoke", fm="tiny-bert", device="cpu"), group_by_length=True)
+    ws = prepare(cfg.data)
+    assert r["run_flops"] > bench.run_flops(cfg, ws) > 0   # the default (random) batches compute more than grouped
+    assert "speed-up" in bench.format_speed(r)
+
+    (tmp_path / "bench.json").write_text(json.dumps({"training": {"fm": {}}}))
+    monkeypatch.setattr(bench, "default_speed", lambda fm, repeats: r)
+    bench.main(argparse.Namespace(out=str(tmp_path), skip_notebooks=True, quick=False, fm="tiny-bert",
+                                  only="default-speed", repeats=1))
+    assert json.loads((tmp_path / "bench.json").read_text()).keys() == {"training", "default_speed"}
+
+
+def test_engine_overhead_runs_the_same_run_on_both_engines(monkeypatch):
+    """The bench entry compares whole commands per engine and reports ratios to in-process (commands faked:
+    tests/test_flower.py runs the real deployment)."""
+    seen = []
+
+    def fake(args):
+        seen.append(args)
+        engine = args[args.index("--engine") + 1]
+        return {"seconds": {"inprocess": 10.0, "flower": 35.0}[engine], "cpu_seconds": {"inprocess": 18.0, "flower": 45.0}[engine],
+                "final_accuracy": 0.75}
+    monkeypatch.setattr(bench, "run_command_seconds", fake)
+    r = bench.engine_overhead("tiny-bert", preset="smoke", log=lambda _: None)
+    assert [a[a.index("--engine") + 1] for a in seen] == ["inprocess", "flower"]
+    assert all(["--preset", "smoke", "--fm", "tiny-bert"] == a[:4] for a in seen)
+    assert r["wall_ratio"] == {"inprocess": 1.0, "flower": 3.5} and r["cpu_ratio"]["flower"] == pytest.approx(2.5)
+    assert r["same_final_accuracy"] and "3.50x" in bench.format_engines(r)

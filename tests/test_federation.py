@@ -123,6 +123,20 @@ def test_result_config_keys_only_what_changes_a_method(tiny_data_config):
     assert fl.result_config(pet) == fl.result_config(dataclasses.replace(pet, keep_ratio=0.5))
 
 
+def test_grouped_batches_key_runs_only_when_on_and_change_the_update(tiny_ws, tiny_data_config):
+    cfg = _cfg(tiny_data_config, method="fedpft-n")
+    stored = cfg.to_json()
+    del stored["group_by_length"]                     # a configuration saved before the field existed
+    assert fl.FedConfig.from_json(stored) == cfg and not cfg.group_by_length   # replays with random batches
+    assert "group_by_length" not in fl.result_config(cfg)   # so its cached runs keep their keys
+    on = dataclasses.replace(cfg, group_by_length=True)
+    assert fl.result_config(on) != fl.result_config(cfg) and fl.result_config(on)["group_by_length"] is True
+    setup = fl.build_setup(cfg, tiny_ws, progress=False)
+    updates = [fl.client_update(c, setup, tiny_ws, 1, 1, setup.init_state, False).adapter for c in (cfg, on, on)]
+    assert all(torch.equal(updates[1][k], updates[2][k]) for k in updates[1])          # deterministic
+    assert not all(torch.equal(updates[0][k], updates[1][k]) for k in updates[0])      # other batches
+
+
 def test_update_disparity_replays_the_first_client_on_the_fm(tiny_ws, tiny_data_config):
     from fedpft_lab import discrepancy
 

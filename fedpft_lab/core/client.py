@@ -24,7 +24,8 @@ from .progress import StopSignal, check_stop
 def local_train(model: nn.Module, split: "data.EncodedSplit", epochs: int, batch_size: int, lr: float,
                 max_grad_norm: float, seed: int, pad_id: int,
                 recorder: align.ActivationRecorder | None = None, dropout: bool = False,
-                stop: StopSignal | None = None, on_batch: Callable[[], None] | None = None) -> None:
+                stop: StopSignal | None = None, on_batch: Callable[[], None] | None = None,
+                group_by_length: bool = False) -> None:
     """E epochs of AdamW on the client's shard (fresh optimiser, constant lr within the round).
 
     ``stop`` is checked before every batch (raising :class:`~.progress.RoundStopped`), so Stop takes effect
@@ -40,7 +41,8 @@ def local_train(model: nn.Module, split: "data.EncodedSplit", epochs: int, batch
         torch.manual_seed(seed)  # dropout masks
     device = model_device(model)
     for epoch in range(epochs):
-        for batch in data.iterate_batches(split, batch_size, shuffle=True, seed=seed + epoch, pad_id=pad_id):
+        for batch in data.iterate_batches(split, batch_size, shuffle=True, seed=seed + epoch, pad_id=pad_id,
+                                          group_by_length=group_by_length):
             check_stop(stop)
             batch = to_device(batch, device)
             if recorder is not None:
@@ -70,6 +72,7 @@ def client_step(model: nn.Module, shard: "data.EncodedSplit", broadcast: Broadca
     recorder = align.ActivationRecorder(model, layers) if broadcast.record_stats and layers else None
     with recorder if recorder is not None else contextlib.nullcontext():
         local_train(model, shard, settings.local_epochs, settings.batch_size, broadcast.lr, settings.max_grad_norm,
-                    broadcast.seed, pad_id, recorder, dropout=settings.dropout, stop=stop, on_batch=on_batch)
+                    broadcast.seed, pad_id, recorder, dropout=settings.dropout, stop=stop, on_batch=on_batch,
+                    group_by_length=settings.group_by_length)
     return ClientUpdate(broadcast.client, adapters.adapter_state(model), len(shard),
                         recorder.stats if recorder else {}, time.perf_counter() - t0)

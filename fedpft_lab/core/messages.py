@@ -26,15 +26,17 @@ class TrainSettings:
     max_grad_norm: float
     dropout: bool
     stat_layers: tuple[int, ...] = ()
+    group_by_length: bool = False           # FedConfig.group_by_length: which examples share a batch
 
     def to_json(self) -> dict:
         return {"local_epochs": self.local_epochs, "batch_size": self.batch_size,
-                "max_grad_norm": self.max_grad_norm, "dropout": self.dropout, "stat_layers": list(self.stat_layers)}
+                "max_grad_norm": self.max_grad_norm, "dropout": self.dropout, "stat_layers": list(self.stat_layers),
+                "group_by_length": self.group_by_length}
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainSettings":
         return cls(int(d["local_epochs"]), int(d["batch_size"]), float(d["max_grad_norm"]), bool(d["dropout"]),
-                   tuple(int(i) for i in d["stat_layers"]))
+                   tuple(int(i) for i in d["stat_layers"]), bool(d.get("group_by_length", False)))
 
 
 @dataclass

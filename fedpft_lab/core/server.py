@@ -296,7 +296,8 @@ def weights_download(setup: Setup, state: RunState, client: int) -> int:
 
 def train_settings(cfg: FedConfig, setup: Setup) -> TrainSettings:
     """What every client is told once: how to train, and which layers' activity to record when a broadcast asks."""
-    return TrainSettings(cfg.local_epochs, cfg.batch_size, cfg.max_grad_norm, cfg.dropout, tuple(setup.compressed))
+    return TrainSettings(cfg.local_epochs, cfg.batch_size, cfg.max_grad_norm, cfg.dropout, tuple(setup.compressed),
+                         cfg.group_by_length)
 
 
 def open_round(cfg: FedConfig, setup: Setup, state: RunState, rnd: int, clients: list[int],
