@@ -811,6 +811,16 @@ def write_json(obj: dict, path: Path) -> None:
     io.atomic_json(obj, path, default=str)
 
 
+def _merge_into_bench(out: Path, key: str, result: dict, report: str) -> dict:
+    """One ``--only`` entry written into ``out/bench.json`` next to the full bench's figures, if any; printed."""
+    path = out / "bench.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    write_json({**merged, key: result}, path)
+    print(report)
+    print(f"results: {path}")
+    return result
+
+
 def main(args: argparse.Namespace) -> dict:
     """Entry point of ``fedpft-lab bench`` (args: out, skip_notebooks, quick; optionally fm, threads, only)."""
     models.quiet_transformers()
@@ -824,20 +834,10 @@ def main(args: argparse.Namespace) -> dict:
         return point
     if getattr(args, "only", None) == "default-speed":
         result = default_speed(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "repeats", 1) or 1)
-        path = Path(args.out) / "bench.json"
-        merged = json.loads(path.read_text()) if path.exists() else {}
-        write_json({**merged, "default_speed": result}, path)   # next to the full bench's figures, if any
-        print(format_speed(result))
-        print(f"results: {path}")
-        return result
+        return _merge_into_bench(Path(args.out), "default_speed", result, format_speed(result))
     if getattr(args, "only", None) == "engines":
         result = engine_overhead(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "preset", "workshop"))
-        path = Path(args.out) / "bench.json"
-        merged = json.loads(path.read_text()) if path.exists() else {}
-        write_json({**merged, "engines": result}, path)
-        print(format_engines(result))
-        print(f"results: {path}")
-        return result
+        return _merge_into_bench(Path(args.out), "engines", result, format_engines(result))
     if getattr(args, "only", None) == "clients-scaling":
         result = clients_scaling(getattr(args, "fm", models.DEFAULT_FM))
         path = Path(args.out) / "clients_scaling.json"
