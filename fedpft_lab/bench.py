@@ -51,7 +51,7 @@ from torch.utils import flop_counter
 
 from . import adapters, data, federation, io, models, parallel, subfm
 from .distill import DistillConfig, distill, embed
-from .paths import LABS_DIR, lab_notebooks
+from .paths import LABS_DIR, cache_dir, lab_notebooks
 from .workspace import DataConfig, Workspace, prepare
 
 KEEP_RATIOS = (1.0, 0.5, 0.25)
@@ -533,15 +533,68 @@ def format_scaling(r: dict) -> str:
 
 # --------------------------------------------------------------------------- the default run, before and now
 
-SPEED_PATHS = {"random batches (default)": ["--no-group-by-length"], "length-grouped": ["--group-by-length"]}
+# The code the default run is measured against: main when "a faster default run" (issue 13) was filed.
+SPEED_BASELINE = "0b700b0"
+NOW_DEFAULT = "length-grouped (now, default)"
 
 
-def run_command_seconds(args: list[str]) -> dict:
-    """Wall and CPU seconds of one ``fedpft-lab run`` in a fresh process (imports included), and its metrics."""
+def speed_paths(baseline: str) -> dict[str, tuple[str | None, list[str]]]:
+    """name -> (the git revision whose CLI runs it, None for this checkout; extra ``run`` flags)."""
+    return {f"code of {baseline} (before)": (baseline, []),
+            "random batches (now)": (None, ["--no-group-by-length"]),
+            NOW_DEFAULT: (None, ["--group-by-length"])}
+
+
+@contextlib.contextmanager
+def source_tree(rev: str) -> Iterator[Path]:
+    """Commit ``rev`` of this repository exported to a temporary folder, so its CLI runs as it was then."""
+    import tarfile
+
+    from .errors import ConfigError
+
+    with tempfile.TemporaryDirectory(prefix="fedpft-baseline-") as tmp:
+        archive = Path(tmp) / "src.tar"
+        done = subprocess.run(["git", "archive", "--format=tar", "--output", str(archive), rev],
+                              cwd=LABS_DIR.parent, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ConfigError(f"--baseline must be a git revision of this checkout, got {rev!r}: "
+                              f"{done.stderr.strip()[:200]}")
+        with tarfile.open(archive) as tar:
+            tar.extractall(Path(tmp) / "src", filter="data")
+        yield Path(tmp) / "src"
+
+
+def cli_run_flags(tree: Path | None) -> set[str]:
+    """The flags ``fedpft-lab run`` accepts in ``tree`` (None: this checkout): an old CLI may lack some."""
+    done = subprocess.run([sys.executable, "-m", "fedpft_lab", "run", "--help"], capture_output=True, text=True,
+                          cwd=tree or LABS_DIR.parent)
+    return {word.strip("[],") for word in done.stdout.split() if word.startswith(("--", "[--"))}
+
+
+def size_args(preset: str, fm: str, flags: set[str]) -> list[str]:
+    """The ``run`` flags that ask a CLI with ``flags`` for ``preset``'s run of ``fm`` on the CPU. A CLI from before
+    presets existed ran the workshop sizes by default, so that is the one preset it can be asked for; one from
+    before ``--device`` existed ran on the CPU."""
+    from .errors import ConfigError
+
+    args = ["--fm", fm] + (["--device", "cpu"] if "--device" in flags else [])
+    if "--preset" in flags:
+        return args + ["--preset", preset]
+    if preset != "workshop":
+        raise ConfigError(f"preset must be 'workshop' for a baseline CLI without --preset, got {preset!r}")
+    return args
+
+
+def run_command_seconds(args: list[str], tree: Path | None = None) -> dict:
+    """Wall and CPU seconds of one ``fedpft-lab run`` in a fresh process (imports included), and its metrics.
+    ``tree``: run the CLI of that source tree instead of this checkout's (``python -m`` puts the working folder
+    first on the path); it shares this checkout's cache folder, as a user's second run would."""
     with tempfile.TemporaryDirectory(prefix="fedpft-speed-") as tmp:
-        cmd = [sys.executable, "-m", "fedpft_lab", "run", "--out", tmp, "--quiet", "--device", "cpu", *args]
+        device = ["--device", "cpu"] if tree is None else []   # a tree's command says its own (see size_args)
+        cmd = [sys.executable, "-m", "fedpft_lab", "run", "--out", tmp, "--quiet", *device, *args]
+        env = {**os.environ, "FEDPFT_LAB_CACHE": str(cache_dir())}
         before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=LABS_DIR.parent)
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tree or LABS_DIR.parent, env=env)
         wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[2:])} failed: {done.stderr.strip()[-2000:]}")
@@ -576,52 +629,66 @@ def run_flops(cfg: federation.FedConfig, ws: Workspace) -> int:
     return int(counter.get_total_flops())
 
 
-def default_speed(fm: str = models.DEFAULT_FM, repeats: int = 1, preset: str = "workshop", log=print) -> dict:
-    """The warm default ``fedpft-lab run`` (workshop preset, cached sub-FM and data) with random client batches, as
-    before, and with length-grouped ones, as whole commands in fresh processes, alternating (A B, then B A, ...) so
-    that load from other work hits both alike. Also the padding share of each run's client batches, the FLOPs of
-    the default run and its FLOP efficiency: all FLOPs / wall time / this machine's matmul peak. (``preset`` and
-    ``fm``: other sizes, e.g. a seconds-long check with ``smoke`` and ``tiny-bert``.)"""
+def default_speed(fm: str = models.DEFAULT_FM, repeats: int = 1, preset: str = "workshop",
+                  baseline: str = SPEED_BASELINE, log=print) -> dict:
+    """The warm default ``fedpft-lab run`` three ways, as whole commands in fresh processes: the code of
+    ``baseline`` (a git revision, exported and run as it was: its start-up and its random client batches), this
+    code with random client batches, and this code with length-grouped ones (the default). Each path runs once
+    untimed first (so every cache it uses is warm), then ``repeats`` timed times, the order reversed every
+    repeat so that load from other work hits all alike. Also the padding share of the client batches, the FLOPs
+    of the default run and its FLOP efficiency: all FLOPs / wall time / this machine's matmul peak.
+    (``preset`` and ``fm``: other sizes, e.g. a seconds-long check with ``smoke`` and ``tiny-bert``.)"""
     from .presets import preset_config
 
     log("default speed: matmul peak ...")
     with parallel.torch_threads(parallel.default_workers()):   # the run keeps every core busy, one thread each
         peak = machine_info(BenchConfig(matmul_seconds=0.5, matmul_repeats=3))["peak_flops"]
     new = replace(preset_config(preset, fm=fm, device="cpu"), group_by_length=True)
-    configs = {"random batches (default)": replace(new, group_by_length=False), "length-grouped": new}
+    configs = {"random": replace(new, group_by_length=False), "grouped": new}
     ws = prepare(new.data)
-    federation.build_setup(new, ws, progress=False)   # a warm run: the distilled sub-FM is on disk
     padding = {name: padding_fraction(run_batches(cfg, ws)) for name, cfg in configs.items()}
-    times: dict[str, list[dict]] = {name: [] for name in SPEED_PATHS}
-    for i in range(repeats):
-        for name in (list(SPEED_PATHS) if i % 2 == 0 else list(reversed(SPEED_PATHS))):
-            log(f"default speed: fedpft-lab run {' '.join(SPEED_PATHS[name])} ({i + 1}/{repeats}) ...")
-            times[name].append(run_command_seconds(["--preset", preset, "--fm", fm, *SPEED_PATHS[name]]))
+    paths = speed_paths(baseline)
+    with source_tree(baseline) as old_tree:
+        trees = {name: old_tree if rev else None for name, (rev, _) in paths.items()}
+        commands = {name: (size_args(preset, fm, cli_run_flags(trees[name])) if trees[name] else
+                           ["--preset", preset, "--fm", fm]) + extra for name, (_, extra) in paths.items()}
+        for name in paths:                                      # warm every cache the path uses; not timed
+            log(f"default speed: warming {name} ...")
+            run_command_seconds(commands[name], trees[name])
+        times: dict[str, list[dict]] = {name: [] for name in paths}
+        for i in range(repeats):
+            for name in (list(paths) if i % 2 == 0 else list(reversed(paths))):
+                log(f"default speed: {name} ({i + 1}/{repeats}) ...")
+                times[name].append(run_command_seconds(commands[name], trees[name]))
     log("default speed: counting the FLOPs of the default run ...")
-    flops = run_flops(configs["random batches (default)"], ws)
-    paths = {name: {"command": f"fedpft-lab run {' '.join(SPEED_PATHS[name])}", "padding_fraction": padding[name],
-                    "runs": runs, "seconds": min(r["seconds"] for r in runs),
-                    "cpu_seconds": min(r["cpu_seconds"] for r in runs)} for name, runs in times.items()}
-    old, now = paths["random batches (default)"], paths["length-grouped"]
-    return {"fm": fm, "preset": preset, "repeats": repeats, "peak_flops": peak, "paths": paths,
-            "speedup": old["seconds"] / now["seconds"], "cpu_speedup": old["cpu_seconds"] / now["cpu_seconds"],
-            "same_accuracy_per_path": {n: sorted({r["final_accuracy"] for r in p["runs"]}) for n, p in paths.items()},
-            "run_flops": flops, "flops_per_s": flops / old["seconds"],      # the default run's efficiency
-            "fraction_of_peak": flops / old["seconds"] / peak, "loadavg": list(os.getloadavg()),
+    flops = run_flops(new, ws)
+    out = {name: {"command": f"fedpft-lab run {' '.join(commands[name])}", "git_revision": paths[name][0],
+                  "padding_fraction": padding["grouped" if name == NOW_DEFAULT else "random"],
+                  "runs": runs, "seconds": min(r["seconds"] for r in runs),
+                  "cpu_seconds": min(r["cpu_seconds"] for r in runs)} for name, runs in times.items()}
+    before, random_now, now = (out[name] for name in paths)
+    return {"fm": fm, "preset": preset, "repeats": repeats, "baseline": baseline, "peak_flops": peak, "paths": out,
+            "speedup": before["seconds"] / now["seconds"], "cpu_speedup": before["cpu_seconds"] / now["cpu_seconds"],
+            "grouping_speedup": random_now["seconds"] / now["seconds"],
+            "same_accuracy_per_path": {n: sorted({r["final_accuracy"] for r in p["runs"]}) for n, p in out.items()},
+            "run_flops": flops, "flops_per_s": flops / now["seconds"],      # the default run's efficiency
+            "fraction_of_peak": flops / now["seconds"] / peak, "loadavg": list(os.getloadavg()),
             "git_commit": git_commit()}
 
 
 def format_speed(r: dict) -> str:
     lines = [f"default run ({r['fm']}, {r['preset']} preset, warm caches; whole commands, fastest of {r['repeats']}; "
              f"load average {r['loadavg'][0]:.1f} at the end):",
-             "  path                       wall s   CPU s   start-up s   train s   eval s   align s   padding   acc"]
+             "  path                              wall s   CPU s   start-up s   train s   eval s   align s   padding   acc"]
     for name, p in r["paths"].items():
         best = min(p["runs"], key=lambda x: x["seconds"])
-        lines.append(f"  {name:<25} {p['seconds']:7.1f}  {p['cpu_seconds']:6.1f}   {best['startup_seconds']:10.1f}"
+        startup = "-" if best["startup_seconds"] is None else f"{best['startup_seconds']:.1f}"
+        lines.append(f"  {name:<32} {p['seconds']:7.1f}  {p['cpu_seconds']:6.1f}   {startup:>10}"
                      f"   {best['train_seconds']:7.1f}  {best['eval_seconds']:6.1f}   {best['align_seconds']:7.1f}"
                      f"   {p['padding_fraction']:6.1%}   {best['final_accuracy']:.3f}")
-    lines.append(f"  speed-up {r['speedup']:.2f}x wall, {r['cpu_speedup']:.2f}x CPU time")
-    lines.append(f"  the default run: {r['run_flops'] / 1e12:.2f} TFLOP in {r['paths']['random batches (default)']['seconds']:.1f} s"
+    lines.append(f"  speed-up against {r['baseline']}: {r['speedup']:.2f}x wall, {r['cpu_speedup']:.2f}x CPU time "
+                 f"(length-grouped batches alone: {r['grouping_speedup']:.2f}x wall)")
+    lines.append(f"  the default run: {r['run_flops'] / 1e12:.2f} TFLOP in {r['paths'][NOW_DEFAULT]['seconds']:.1f} s"
                  f" = {_g(r['flops_per_s'])}FLOP/s, {r['fraction_of_peak']:.1%} of the matmul peak ({_g(r['peak_flops'])}FLOP/s)")
     return "\n".join(lines)
 
@@ -833,7 +900,8 @@ def main(args: argparse.Namespace) -> dict:
         print(json.dumps(point))
         return point
     if getattr(args, "only", None) == "default-speed":
-        result = default_speed(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "repeats", 1) or 1)
+        result = default_speed(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "repeats", 1) or 1,
+                               baseline=getattr(args, "baseline", None) or SPEED_BASELINE)
         return _merge_into_bench(Path(args.out), "default_speed", result, format_speed(result))
     if getattr(args, "only", None) == "engines":
         result = engine_overhead(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "preset", "workshop"))
@@ -867,6 +935,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default-speed: the default run with random and with length-grouped client batches; "
                         "engines: the default run in-process and on a local Flower deployment")
     p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path (alternating)")
+    p.add_argument("--baseline", default=SPEED_BASELINE,
+                   help="default-speed: the git revision the default run is compared with (default: %(default)s, "
+                        "the code when the faster default run was asked for)")
     p.add_argument("--scaling-point", type=int, default=None, help=argparse.SUPPRESS)  # a child of clients-scaling
     return p
 

@@ -428,10 +428,13 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     p.add_argument("--only", choices=("clients-scaling", "default-speed", "engines"), default=None,
                    help="clients-scaling: peak memory and time per round of 2-round runs with 20, 200 and 2000 "
                         "clients (same clients per round), each in its own process; default-speed: the warm "
-                        "default run with random (the default) and length-grouped client batches, side by side, "
-                        "and its FLOP efficiency; engines: the default run in-process and on a local Flower "
+                        "default run as the --baseline code ran it, and with this code's random and length-grouped "
+                        "(the default) client batches, side by side, and its FLOP efficiency; engines: the default run in-process and on a local Flower "
                         "deployment, wall time as a ratio to in-process")
     p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path, alternating")
+    p.add_argument("--baseline", default=None, metavar="GIT_REVISION",
+                   help="default-speed: the code to compare with (default: the commit of main when the faster "
+                        "default run was asked for, fedpft_lab.bench.SPEED_BASELINE)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="one self-contained HTML page (works offline) from a run or compare folder")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fedpft_lab import bench
+from fedpft_lab.errors import ConfigError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -167,29 +168,53 @@ def test_clients_scaling_runs_each_point_in_a_fresh_process():
     assert "clients scaling" in bench.format_scaling(r)
 
 
-def test_default_speed_times_both_batchings_as_whole_commands(tmp_path, monkeypatch):
-    """Both paths run as fresh ``fedpft-lab run`` commands; grouping pads less and computes fewer FLOPs; the
+def test_default_speed_times_the_baseline_code_and_both_batchings_as_whole_commands(tmp_path, monkeypatch):
+    """Three paths run as fresh ``fedpft-lab run`` commands: a git revision's own CLI (here HEAD, exported), and
+    this checkout with random and with length-grouped batches; grouping pads less and computes fewer FLOPs; the
     figures land in bench.json next to whatever the full bench wrote there."""
     from fedpft_lab.presets import preset_config
     from fedpft_lab.workspace import prepare
 
-    r = bench.default_speed("tiny-bert", preset="smoke", log=lambda _: None)
-    old, now = r["paths"]["random batches (default)"], r["paths"]["length-grouped"]
+    r = bench.default_speed("tiny-bert", preset="smoke", baseline="HEAD", log=lambda _: None)
+    before, old, now = r["paths"].values()
+    assert before["git_revision"] == "HEAD" and old["git_revision"] is None is now["git_revision"]
+    assert "--preset smoke" in before["command"] and "--device cpu" in before["command"]  # HEAD's CLI knows both
     assert "--no-group-by-length" in old["command"] and "--group-by-length" in now["command"]
-    assert now["padding_fraction"] < old["padding_fraction"]
+    assert now["padding_fraction"] < old["padding_fraction"] == before["padding_fraction"]
     assert all(p["seconds"] > p["runs"][0]["startup_seconds"] > 0 and p["cpu_seconds"] > 0 for p in (old, now))
-    assert r["speedup"] == pytest.approx(old["seconds"] / now["seconds"])
-    assert r["fraction_of_peak"] == pytest.approx(r["run_flops"] / old["seconds"] / r["peak_flops"])
-    cfg = dataclasses.replace(preset_config("smoke", fm="tiny-bert", device="cpu"), group_by_length=True)
+    assert r["speedup"] == pytest.approx(before["seconds"] / now["seconds"])
+    assert r["grouping_speedup"] == pytest.approx(old["seconds"] / now["seconds"])
+    # the smoke preset keeps random batches: HEAD's run and this checkout's random one are the same run
+    assert r["same_accuracy_per_path"][bench.NOW_DEFAULT] and before["runs"][0]["final_accuracy"] == \
+        old["runs"][0]["final_accuracy"]
+    assert r["fraction_of_peak"] == pytest.approx(r["run_flops"] / now["seconds"] / r["peak_flops"])
+    cfg = preset_config("smoke", fm="tiny-bert", device="cpu")
     ws = prepare(cfg.data)
-    assert r["run_flops"] > bench.run_flops(cfg, ws) > 0   # the default (random) batches compute more than grouped
-    assert "speed-up" in bench.format_speed(r)
+    assert bench.run_flops(cfg, ws) > r["run_flops"] > 0   # random batches compute more than the grouped default
+    assert "speed-up against HEAD" in bench.format_speed(r)
 
     (tmp_path / "bench.json").write_text(json.dumps({"training": {"fm": {}}}))
-    monkeypatch.setattr(bench, "default_speed", lambda fm, repeats: r)
+    monkeypatch.setattr(bench, "default_speed", lambda fm, repeats, baseline: r)
     bench.main(argparse.Namespace(out=str(tmp_path), skip_notebooks=True, quick=False, fm="tiny-bert",
                                   only="default-speed", repeats=1))
     assert json.loads((tmp_path / "bench.json").read_text()).keys() == {"training", "default_speed"}
+
+
+def test_a_baseline_cli_is_asked_only_for_what_it_knows():
+    """A CLI from before presets ran the workshop sizes by default (and only on the CPU, before --device)."""
+    old = {"--fm", "--rounds", "--out", "--quiet"}
+    assert bench.size_args("workshop", "minilm", old) == ["--fm", "minilm"]
+    with pytest.raises(ConfigError, match="preset must be 'workshop' for a baseline CLI without --preset"):
+        bench.size_args("smoke", "minilm", old)
+    assert bench.size_args("smoke", "tiny-bert", old | {"--preset", "--device"}) == \
+        ["--fm", "tiny-bert", "--device", "cpu", "--preset", "smoke"]
+    assert {"--preset", "--device", "--group-by-length"} <= bench.cli_run_flags(None)   # this checkout's CLI
+
+
+def test_an_unknown_baseline_revision_is_one_clear_error():
+    with pytest.raises(ConfigError, match="--baseline must be a git revision of this checkout, got 'no-such-rev'"):
+        with bench.source_tree("no-such-rev"):
+            pass
 
 
 def test_engine_overhead_runs_the_same_run_on_both_engines(monkeypatch):
