@@ -41,9 +41,11 @@ def test_field_defaults_are_the_defaults_of_an_instance():
 
 
 def test_workshop_is_the_default_and_lab_smoke_are_what_the_labs_run():
-    # the default run is FedConfig(); length-grouped batches stay opt-in until their accuracy check is complete
-    assert presets.preset_config("workshop") == FedConfig()
-    assert not any(presets.preset_config(name).group_by_length for name in presets.PRESETS)
+    # the default run is FedConfig() with length-grouped client batches (labs/reference/batching-check: same
+    # accuracy); the labs keep random batches, with which their stored spreads and cached runs were made
+    assert presets.preset_config("workshop") == dataclasses.replace(FedConfig(), group_by_length=True)
+    assert {n for n in presets.PRESETS if presets.preset_config(n).group_by_length} == {"workshop", "paper"}
+    assert not FedConfig().group_by_length
     assert presets.preset_config("lab") == lab_helpers.lab_config("fedpft")
     assert presets.preset_config("smoke") == lab_helpers.lab_config("fedpft", smoke=True)
     assert presets.preset_config("lab", seed=3) == lab_helpers.lab_config("fedpft", seed=3)  # seed sets both
@@ -81,8 +83,8 @@ def test_cli_preset_gives_defaults_that_flags_override():
 def test_cli_without_preset_is_the_workshop_run():
     a = cli.build_parser().parse_args(["run"])
     assert cli._fed_config(a) == presets.preset_config("workshop")
-    a = cli.build_parser().parse_args(["run", "--group-by-length"])
-    assert cli._fed_config(a) == dataclasses.replace(FedConfig(), group_by_length=True)
+    a = cli.build_parser().parse_args(["run", "--no-group-by-length"])
+    assert cli._fed_config(a) == FedConfig()
 
 
 def test_unknown_preset_or_device_is_one_argparse_line(capsys):

@@ -53,3 +53,20 @@ def test_current_code_reproduces_a_stored_run(name):
     problems = reference.mismatches(stored["rounds"][:3], replayed, test_examples)
     assert not problems, (f"{name}/{method}/seed{seed} no longer reproduces: {problems}. Bump RESULTS_VERSION and "
                           f"regenerate the study: {study.command}")
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_the_stored_command_still_asks_for_the_stored_configuration(name):
+    """The command a study carries must make its runs with today's CLI, whose defaults can move (the workshop
+    preset took length-grouped batches after the study was made with random ones)."""
+    import shlex
+
+    from fedpft_lab import cli
+    from fedpft_lab.federation import FedConfig, result_config
+
+    study = reference.load(name)
+    argv = shlex.split(study.command)[1:]
+    a = cli.build_parser(cli._preset_in(argv)).parse_args(argv)
+    for method in a.methods:
+        stored = FedConfig.from_json({**study.table["base_config"], "method": method})
+        assert result_config(cli._fed_config(a, method=method)) == result_config(stored), method
