@@ -19,9 +19,9 @@ LoRA side paths and Python overhead do not. So the bench measures, in one proces
 2-round run with 20, 200 and 2000 clients (the same number of them per round), each in a fresh process.
 Only the sampled clients of a round hold a model and an optimiser, so both should stay flat.
 
-``--only default-speed`` times the warm default ``fedpft-lab run`` twice in one bench run, as whole commands in
-fresh processes: with random client batches (the default) and with length-grouped ones
-(``--group-by-length``); it adds the padding share of each and the FLOP efficiency of the run.
+``--only default-speed`` times the warm default ``fedpft-lab run`` three ways in one bench run, as whole commands
+in fresh processes: the code of ``--baseline`` (a git revision, run with its own CLI) and this code with random and
+with length-grouped client batches (the default); it adds the padding share and the run's FLOP efficiency.
 
 Every figure depends on what else the machine is doing; the load average is recorded next to them.
 The bench measures the CPU (device="cpu"), the machine the lab is built for.
