@@ -1,6 +1,7 @@
 """The Flower engine on a real loopback deployment: SuperLink + one SuperNode process per client, offline,
 insecure, telemetry off, no dependency installation. It must compute the in-process engine's numbers exactly:
 the same sampled clients, seeds and client order, and every client step single-threaded and deterministic."""
+import os
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -16,10 +17,25 @@ from fedpft_lab.workspace import prepare  # noqa: E402
 pytestmark = pytest.mark.flower
 
 
+def _aligned_config(data):
+    """A small FedPFT run with two alignments and clients that miss rounds (3 clients, 2 per round)."""
+    return fl.FedConfig(method="fedpft", data=replace(data, clients=3), rounds=3, sample_fraction=0.67,
+                        distill_steps=0, align_interval=1, align_steps=2, keep_ratio=0.5)
+
+
+NUMBERS = ("clients", "accuracy", "sub_accuracy", "grad_cosine", "layer_cosine")
+BYTES = ("bytes_up", "bytes_down", "bytes_down_weights")
+
+
+def assert_same_rounds(engine: dict, local: dict, keys=NUMBERS + BYTES) -> None:
+    for f, i in zip(engine["rounds"], local["rounds"], strict=True):
+        for key in keys:
+            assert f[key] == i[key], (f["round"], key)
+
+
 def test_a_loopback_deployment_computes_the_in_process_numbers(tiny_data_config, tmp_path, request):
-    data = replace(tiny_data_config, clients=3)
-    cfg = fl.FedConfig(method="fedpft", data=data, rounds=3, sample_fraction=0.67, distill_steps=0,
-                       align_interval=1, align_steps=2, keep_ratio=0.5)
+    cfg = _aligned_config(tiny_data_config)
+    data = cfg.data
     with deploy.local_deployment(data.clients, tmp_path / "flower-logs") as (procs, app, env):
         request.addfinalizer(procs.stop)                         # even if the context manager never exits
         assert len(procs.pids()) == 1 + data.clients              # a SuperLink, one SuperNode per client
@@ -27,16 +43,52 @@ def test_a_loopback_deployment_computes_the_in_process_numbers(tiny_data_config,
     assert len(procs.stopped) > len(procs.pids()) and not procs.still_running(), "a Flower process outlived it"
     local = fl.run(cfg, prepare(data), progress=False)
     assert [r["aligned"] for r in flower["rounds"]] == [False, True, True, False]
-    for f, i in zip(flower["rounds"], local["rounds"], strict=True):
-        for key in ("clients", "accuracy", "sub_accuracy", "grad_cosine", "layer_cosine", "bytes_up", "bytes_down",
-                    "bytes_down_weights"):
-            assert f[key] == i[key], (f["round"], key)
+    assert_same_rounds(flower, local)
+    for f in flower["rounds"]:
         if f["round"]:  # honest bytes: Flower carried what we report, plus each array's name and numpy header
             for way in ("down", "up"):
                 extra = f["flower"][f"bytes_{way}"] - f[f"bytes_{way}"]
                 assert 0 <= extra <= 0.05 * f[f"bytes_{way}"] + 256 * f["flower"][f"arrays_{way}"], (f["round"], way)
     first = flower["rounds"][1]   # the frozen proxy dominates a first round: within 5% outright
     assert abs(first["flower"]["bytes_down"] - first["bytes_down"]) <= 0.05 * first["bytes_down"]
+
+
+def test_the_simulation_engine_computes_the_in_process_numbers_and_leaves_no_ray_process(tiny_data_config,
+                                                                                         tmp_path, request):
+    """``--engine flower-sim``: the same ServerApp, ClientApp and strategy, clients in Ray actors. Every client
+    step runs in a Ray worker where the FM cannot load: a probe around the real ClientApp tries to load it after
+    each step and fails the step (and so the run, which needs every answer) if it could."""
+    pytest.importorskip("ray")
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+
+    from fedpft_lab import models
+    from fedpft_lab.engines.flower import client_app, simulation
+
+    cfg = _aligned_config(tiny_data_config)
+    probe = ClientApp()
+    probe.query()(client_app.query)
+
+    @probe.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = client_app.train(msg, context)
+        assert os.getpid() != driver, "a client step ran in the test's own process, not in a Ray worker"
+        try:
+            models.load_fm(cfg.data.fm)
+        except models.ConfigError:
+            return reply
+        raise AssertionError("a Ray worker running a client step loaded the FM")
+
+    driver, sessions = os.getpid(), []
+    request.addfinalizer(lambda: [s.stop() for s in sessions])   # by pid, even if the run failed half-way
+    sim = simulation.run_flower_sim(cfg, tmp_path, client_app=probe, session=sessions)
+    (ray_session,) = sessions
+    assert len(ray_session.stopped) > 2 and not ray_session.still_running(), "a Ray process outlived the run"
+    assert models.CLIENT_PROCESS not in os.environ            # the guard lives in the workers, not the server
+    local = fl.run(cfg, prepare(cfg.data), progress=False)
+    assert sim["engine"] == "flower-sim" and [r["aligned"] for r in sim["rounds"]] == [False, True, True, False]
+    assert_same_rounds(sim, local)
+    assert all(r["answered"] == r["clients"] for r in sim["rounds"][1:])
 
 
 # ----------------------------------------------------------------------------- the server's side of faults
