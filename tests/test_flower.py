@@ -186,3 +186,61 @@ def test_a_room_server_and_three_client_commands(tiny_data_config, tmp_path, req
     assert any(f"fedpft-lab client --server 127.0.0.1:{port} --partition-id K --num-partitions 3" in s for s in said)
     assert [r["round"] for r in result["rounds"]] == [0, 1] and result["rounds"][1]["answered"] == [0, 1, 2]
     assert not clients.still_running()
+
+
+def test_a_server_restarted_with_resume_ends_where_an_uninterrupted_run_ends(tiny_data_config, tmp_path, request):
+    """The server side of a loopback deployment is killed once round 1 is saved; a new deployment started with
+    ``resume`` continues from the checkpoint: the same per-round numbers as an uninterrupted in-process run. Its
+    clients start without state, so the first round after the restart sends their proxies again, and says so. The
+    checkpoint is the in-process engine's own: that engine resumes it to the same numbers, bytes included."""
+    import json
+    import shutil
+    import threading
+    import time
+
+    import psutil
+
+    cfg = _aligned_config(tiny_data_config)
+    out, failed = tmp_path / "run", []
+    with deploy.local_deployment(cfg.data.clients, tmp_path / "logs-1") as (first, app, env):
+        request.addfinalizer(first.stop)
+        run = threading.Thread(target=lambda: _record_failure(failed, deploy.submit, cfg, out, app, env, 600))
+        run.start()
+        deadline = time.monotonic() + 600
+
+        def saved() -> int:
+            return len(json.loads((out / "metrics.json").read_text())["rounds"]) if (out / "metrics.json").exists() \
+                else 0
+        while saved() < 2:
+            assert time.monotonic() < deadline and run.is_alive(), f"round 1 never finished: {failed}"
+            time.sleep(0.05)
+        link = psutil.Process(first.pids()[0])             # the SuperLink, the ServerApp under it: the server side
+        for p in [link, *link.children(recursive=True)]:
+            p.kill()
+        run.join(timeout=600)
+    assert not first.still_running(), "a Flower process of the stopped server outlived it"
+    stopped = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert failed and 2 <= len(stopped) <= cfg.rounds, "the server was not stopped mid-run"
+    shutil.copytree(out, tmp_path / "copy")
+    with deploy.local_deployment(cfg.data.clients, tmp_path / "logs-2") as (second, app, env):
+        request.addfinalizer(second.stop)
+        resumed = deploy.submit(cfg, out, app, env, timeout=600, resume=True)
+    assert not second.still_running(), "a Flower process of the restarted server outlived it"
+    local = fl.run(cfg, prepare(cfg.data), progress=False)
+    assert_same_rounds(resumed, local, NUMBERS)
+    k = len(stopped)                                         # the first round of the restarted server
+    assert_same_rounds({"rounds": resumed["rounds"][:k]}, {"rounds": local["rounds"][:k]}, BYTES)
+    had_proxy = {c for r in local["rounds"][:k] for c in r["clients"]}
+    again = sorted(had_proxy & set(local["rounds"][k]["clients"]))
+    assert again and resumed["rounds"][k]["proxy_resent"] == again
+    assert resumed["rounds"][k]["bytes_down_weights"] > local["rounds"][k]["bytes_down_weights"]
+    assert "proxy_resent" not in resumed["rounds"][k - 1]
+    continued = fl.run(cfg, prepare(cfg.data), out_dir=tmp_path / "copy", resume=True, progress=False)
+    assert_same_rounds(continued, local)
+
+
+def _record_failure(failed: list, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001  (the killed server's run fails; the test checks that it did)
+        failed.append(e)

@@ -174,7 +174,7 @@ def submit(cfg: FedConfig, out: Path, app: Path, env: dict[str, str], timeout: f
     ``round_timeout`` / ``min_answers``: a round goes on without the clients that did not answer in time, if at
     least ``min_answers`` did (0: all must). ``resume``: the server continues the run saved in ``out``.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "flower-logs").mkdir(parents=True, exist_ok=True)
     config = out / "flower-config.json"
     config.write_text(json.dumps(cfg.to_json()))
     run_config = (f"config='{config.resolve()}' out-dir='{out.resolve()}' timeout={float(timeout)} "
