@@ -447,8 +447,9 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
                    help="clients-scaling: peak memory and time per round of 2-round runs with 20, 200 and 2000 "
                         "clients (same clients per round), each in its own process; default-speed: the warm "
                         "default run with random (the default) and length-grouped client batches, side by side, "
-                        "and its FLOP efficiency; engines: the default run in-process and on a local Flower "
-                        "deployment, wall time as a ratio to in-process")
+                        "and its FLOP efficiency; engines: the default run in-process, on Flower's simulation "
+                        "engine and on a local Flower deployment, wall time as a ratio to in-process (each run's "
+                        "logs kept in OUT/engines/)")
     p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path, alternating")
     p.set_defaults(func=cmd_bench)
 
