@@ -5,6 +5,7 @@ import os
 from dataclasses import replace
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 
@@ -39,6 +40,8 @@ def test_a_loopback_deployment_computes_the_in_process_numbers(tiny_data_config,
     with deploy.local_deployment(data.clients, tmp_path / "flower-logs") as (procs, app, env):
         request.addfinalizer(procs.stop)                         # even if the context manager never exits
         assert len(procs.pids()) == 1 + data.clients              # a SuperLink, one SuperNode per client
+        stores = {psutil.Process(pid).environ().get(deploy.CLIENT_STORE) for pid in procs.pids()[1:]}
+        assert None not in stores and len(stores) == data.clients  # each client keeps its proxy in its own folder
         flower = deploy.submit(cfg, tmp_path, app, env, timeout=600)
     assert len(procs.stopped) > len(procs.pids()) and not procs.still_running(), "a Flower process outlived it"
     local = fl.run(cfg, prepare(data), progress=False)
@@ -89,6 +92,32 @@ def test_the_simulation_engine_computes_the_in_process_numbers_and_leaves_no_ray
     assert sim["engine"] == "flower-sim" and [r["aligned"] for r in sim["rounds"]] == [False, True, True, False]
     assert_same_rounds(sim, local)
     assert all(r["answered"] == r["clients"] for r in sim["rounds"][1:])
+
+
+def test_a_client_keeps_its_proxy_on_its_own_disk_not_in_flowers_context(tmp_path, monkeypatch):
+    """A SuperNode's clients keep their ~80 MB proxy in their own folder: Flower 1.42 uploads ``context.state`` in
+    one 30 s request that a loaded machine did not finish (the next round found no proxy). A new run (a
+    restarted server) finds nothing and says so; without a folder, ``context.state`` still holds it."""
+    from flwr.app import Context, RecordDict
+
+    from fedpft_lab.engines.flower import client_app, records
+
+    def context(run: int) -> Context:
+        return Context(run_id=run, node_id=1, node_config={"partition-id": 2, "num-partitions": 3},
+                       state=RecordDict(), run_config={})
+
+    setup, frozen = {"proxy": "{}"}, {"w": torch.arange(6.0).reshape(2, 3)}
+    monkeypatch.setenv(client_app.STORE, str(tmp_path))
+    first = context(7)
+    client_app.keep(first, setup, frozen)
+    assert len(first.state) == 0 and (tmp_path / "run-7" / "client-2.pt").exists()
+    back_setup, back = client_app.kept(context(7))                # the next round's process: a fresh context
+    assert back_setup == setup and torch.equal(back["w"], frozen["w"])
+    with pytest.raises(RuntimeError, match="client 2 holds no proxy for run 8"):
+        client_app.kept(context(8))
+    monkeypatch.delenv(client_app.STORE)
+    client_app.keep(first, setup, frozen)
+    assert records.FROZEN in first.state and torch.equal(client_app.kept(first)[1]["w"], frozen["w"])
 
 
 # ----------------------------------------------------------------------------- the server's side of faults

@@ -24,6 +24,7 @@ from pathlib import Path
 from ...config import FedConfig
 from ...errors import ConfigError
 
+CLIENT_STORE = "FEDPFT_LAB_CLIENT_STORE"   # where a client keeps its proxy between rounds (see client_app)
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
              "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",   # Ray 2.55 warns unless told its future default
              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -101,9 +102,11 @@ class Processes:
         self.stopped: list[int] = []   # every pid :meth:`stop` found (started processes and their descendants)
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """``args`` as a process of its own, output in ``<log_dir>/<name>.log``; ``env``: added to the common one."""
         with open(self.log_dir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(args, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -203,8 +206,9 @@ def local_deployment(num_nodes: int, log_dir: Path) -> Iterator[tuple[Processes,
             write_app(app, home, address)
             link = procs.start("superlink", superlink_args("127.0.0.1", port))
             wait_for_port("127.0.0.1", port, link)
-            for k in range(num_nodes):
-                procs.start(f"supernode-{k}", supernode_args(address, free_port(), k, num_nodes))
+            for k in range(num_nodes):   # each client keeps its proxy in a folder of its own (client_app.STORE)
+                procs.start(f"supernode-{k}", supernode_args(address, free_port(), k, num_nodes),
+                            {CLIENT_STORE: str(Path(tmp) / "clients" / str(k))})
             yield procs, app, env
         finally:
             procs.stop()
@@ -254,4 +258,5 @@ def join(server: str, partition: int, num_partitions: int, port: int | None = No
     """A participant: a SuperNode serving shard ``partition`` until the server's run ends (or Ctrl-C)."""
     with tempfile.TemporaryDirectory(prefix="fedpft-flower-") as tmp:
         args = supernode_args(server, port or free_port(), partition, num_partitions)
-        return subprocess.run(args, env=flower_env(Path(tmp) / "home"), check=False).returncode
+        env = {**flower_env(Path(tmp) / "home"), CLIENT_STORE: str(Path(tmp) / "client")}
+        return subprocess.run(args, env=env, check=False).returncode

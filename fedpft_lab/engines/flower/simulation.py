@@ -2,7 +2,8 @@
 
 ``fedpft-lab run --engine flower-sim`` runs the ServerApp on a thread of this process (it holds the FM) and each
 client's message in a Ray actor, a worker process of a private, local Ray instance: one actor per core, loopback
-only, no dashboard, no usage statistics, its files in a temporary folder that goes with it. Flower's
+only, no dashboard, no usage statistics, its files (and the clients' proxies between rounds) in a temporary
+folder that goes with it. Flower's
 ``run_simulation`` leaves the run configuration empty, so the settings are bound to the ServerApp
 (:func:`~.server_app.make_app`). Ray is an optional extra: ``pip install 'fedpft-lab[flower-sim]'``.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from ...config import FedConfig
 from ...errors import ConfigError
-from .deploy import QUIET_ENV, check_flower_config, flower_env
+from .deploy import CLIENT_STORE, QUIET_ENV, check_flower_config, flower_env
 
 # What the Flower and Ray code of this process reads at import time: set before either is imported.
 DRIVER_ENV = ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "RAY_USAGE_STATS_ENABLED",
@@ -43,7 +44,8 @@ class RaySession:
         ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False,
                  _node_ip_address="127.0.0.1", _temp_dir=str(temp_dir / "ray"), logging_level="WARNING",
                  log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {k: env[k] for k in (*QUIET_ENV, "PYTHONPATH")}})
+                 runtime_env={"env_vars": {**{k: env[k] for k in (*QUIET_ENV, "PYTHONPATH")},
+                                           CLIENT_STORE: str(temp_dir / "clients")}})  # proxies on disk
         self.found = {p.pid: p for p in psutil.Process().children(recursive=True)}   # GCS, raylet, agents
         self.stopped: list[int] = []
 
