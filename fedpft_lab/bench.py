@@ -35,6 +35,8 @@ import functools
 import json
 import os
 import resource
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -585,20 +587,30 @@ def size_args(preset: str, fm: str, flags: set[str]) -> list[str]:
     return args
 
 
-def run_command_seconds(args: list[str], tree: Path | None = None) -> dict:
+def run_command_seconds(args: list[str], tree: Path | None = None, out: Path | None = None) -> dict:
     """Wall and CPU seconds of one ``fedpft-lab run`` in a fresh process (imports included), and its metrics.
+
     ``tree``: run the CLI of that source tree instead of this checkout's (``python -m`` puts the working folder
-    first on the path); it shares this checkout's cache folder, as a user's second run would."""
+    first on the path); it shares this checkout's cache folder, as a user's second run would.
+    ``out``: the run's folder, kept (its output in ``command.log``, a Flower run's logs in ``flower-logs/``), so a
+    failed run can be looked into; default: a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="fedpft-speed-") as tmp:
+        folder = Path(tmp) if out is None else out
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)   # the previous bench's run
+            out.mkdir(parents=True)
         device = ["--device", "cpu"] if tree is None else []   # a tree's command says its own (see size_args)
-        cmd = [sys.executable, "-m", "fedpft_lab", "run", "--out", tmp, "--quiet", *device, *args]
+        cmd = [sys.executable, "-m", "fedpft_lab", "run", "--out", str(folder), "--quiet", *device, *args]
         env = {**os.environ, "FEDPFT_LAB_CACHE": str(cache_dir())}
         before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=tree or LABS_DIR.parent, env=env)
         wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+        if out is not None:
+            (out / "command.log").write_text(f"$ {shlex.join(cmd)}\n{done.stdout}{done.stderr}")
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[2:])} failed: {done.stderr.strip()[-2000:]}")
-        metrics = json.loads((Path(tmp) / "metrics.json").read_text())
+            where = f" (its output and logs: {out})" if out is not None else ""
+            raise RuntimeError(f"{' '.join(cmd[2:])} failed after {wall:.0f} s{where}: {done.stderr.strip()[-2000:]}")
+        metrics = json.loads((folder / "metrics.json").read_text())
     rounds = metrics["rounds"]
     return {"seconds": wall, "cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
             "startup_seconds": (metrics.get("startup") or {}).get("seconds_since_process_start"),
@@ -695,17 +707,21 @@ def format_speed(r: dict) -> str:
 
 # --------------------------------------------------------------------------- engines: one run, two engines
 
-ENGINES = ("inprocess", "flower")
+ENGINES = ("inprocess", "flower-sim", "flower")
 
 
-def engine_overhead(fm: str = models.DEFAULT_FM, preset: str = "workshop", log=print) -> dict:
+def engine_overhead(fm: str = models.DEFAULT_FM, preset: str = "workshop", log=print,
+                    out: Path | None = None) -> dict:
     """The warm default ``fedpft-lab run`` on each engine, as whole commands in fresh processes one after the other:
-    wall and CPU time (of this process's children: the Flower processes included), each as a ratio to the
-    in-process engine, and whether both ended on the same accuracy (they must: one core, two engines)."""
+    wall and CPU time (of this process's children: the Flower and Ray processes included), each as a ratio to the
+    in-process engine, and whether all ended on the same accuracy (they must: one core, three engines).
+    ``out``: each engine's run is kept in ``out/engines/<engine>/`` (its output and, for Flower, every process's
+    log), so a failed run can be looked into."""
     runs = {}
     for engine in ENGINES:
-        log(f"engines: fedpft-lab run --engine {engine} --preset {preset} ...")
-        runs[engine] = run_command_seconds(["--preset", preset, "--fm", fm, "--engine", engine])
+        folder = out / "engines" / engine if out is not None else None
+        log(f"engines: fedpft-lab run --engine {engine} --preset {preset} ..." + (f" (in {folder})" if folder else ""))
+        runs[engine] = run_command_seconds(["--preset", preset, "--fm", fm, "--engine", engine], out=folder)
     base = runs["inprocess"]
     return {"fm": fm, "preset": preset, "runs": runs,
             "wall_ratio": {e: r["seconds"] / base["seconds"] for e, r in runs.items()},
@@ -720,7 +736,7 @@ def format_engines(r: dict) -> str:
     for e, run in r["runs"].items():
         lines.append(f"  {e:<11} {run['seconds']:7.1f} {run['cpu_seconds']:7.1f}   {r['wall_ratio'][e]:6.2f}x  "
                      f"{r['cpu_ratio'][e]:6.2f}x              {run['final_accuracy']:.4f}")
-    lines.append(f"  same final accuracy on both engines: {r['same_final_accuracy']}")
+    lines.append(f"  same final accuracy on every engine: {r['same_final_accuracy']}")
     return "\n".join(lines)
 
 
@@ -904,7 +920,8 @@ def main(args: argparse.Namespace) -> dict:
                                baseline=getattr(args, "baseline", None) or SPEED_BASELINE)
         return _merge_into_bench(Path(args.out), "default_speed", result, format_speed(result))
     if getattr(args, "only", None) == "engines":
-        result = engine_overhead(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "preset", "workshop"))
+        result = engine_overhead(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "preset", "workshop"),
+                                 out=Path(args.out))
         return _merge_into_bench(Path(args.out), "engines", result, format_engines(result))
     if getattr(args, "only", None) == "clients-scaling":
         result = clients_scaling(getattr(args, "fm", models.DEFAULT_FM))
@@ -933,7 +950,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=("clients-scaling", "default-speed", "engines"), default=None,
                    help="clients-scaling: peak memory and time per round with 20, 200 and 2000 clients; "
                         "default-speed: the default run with random and with length-grouped client batches; "
-                        "engines: the default run in-process and on a local Flower deployment")
+                        "engines: the default run in-process, on Flower's simulation engine and on a local "
+                        "Flower deployment")
     p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path (alternating)")
     p.add_argument("--baseline", default=SPEED_BASELINE,
                    help="default-speed: the git revision the default run is compared with (default: %(default)s, "

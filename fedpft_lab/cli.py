@@ -204,16 +204,26 @@ def cmd_run(a: argparse.Namespace) -> dict:
 
     cfg = _fed_config(a)
     out = Path(a.out)
-    if a.engine == "flower" and a.resume:
-        raise ConfigError("--resume works with --engine inprocess only")
     _restart(a)
+    if a.engine != "inprocess" and a.resume:   # a checkpoint of another configuration: say so before any work
+        from .federation import _read_checkpoint
+
+        _read_checkpoint(out, cfg)
     if a.engine == "flower":
         from .engines.flower.deploy import run_flower
 
         if not a.quiet:
             print(f"a local Flower deployment: 1 SuperLink + {cfg.data.clients} SuperNodes on 127.0.0.1 "
                   f"(logs: {out / 'flower-logs'})", file=sys.stderr)
-        metrics = run_flower(cfg, out)
+        metrics = run_flower(cfg, out, resume=a.resume)
+    elif a.engine == "flower-sim":
+        from .engines.flower.simulation import check_ray, run_flower_sim
+
+        check_ray()
+        if not a.quiet:
+            print(f"Flower's simulation engine: the ServerApp here, {cfg.data.clients} virtual SuperNodes in Ray "
+                  "actors", file=sys.stderr)
+        metrics = run_flower_sim(cfg, out, resume=a.resume)
     else:
         metrics = run(cfg, out_dir=out, resume=a.resume, progress=not a.quiet, workers=a.workers)
     if not a.quiet:
@@ -267,7 +277,11 @@ def cmd_server(a: argparse.Namespace) -> dict:
 
     cfg = _fed_config(a)
     _restart(a)
-    metrics = serve(cfg, Path(a.out), a.host, a.port)
+    if a.resume:
+        from .federation import _read_checkpoint
+
+        _read_checkpoint(Path(a.out), cfg)
+    metrics = serve(cfg, Path(a.out), a.host, a.port, resume=a.resume)
     if not a.quiet:
         print_run_table(metrics)
         print(f"results: {Path(a.out) / 'metrics.json'}")
@@ -374,9 +388,10 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     again.add_argument("--restart", action="store_true",
                        help="start over in --out; a previous run there is moved aside to <out>.replaced-<time>")
-    p.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
-                   help="inprocess (default): clients on threads in this process; flower: a local Flower "
-                        "deployment, one SuperLink and one SuperNode process per client on 127.0.0.1 (same numbers)")
+    p.add_argument("--engine", choices=("inprocess", "flower-sim", "flower"), default="inprocess",
+                   help="inprocess (default): clients on threads in this process; flower-sim: Flower's simulation "
+                        "engine, clients in Ray actors (extra [flower-sim]); flower: a local Flower deployment, one "
+                        "SuperLink and one SuperNode process per client on 127.0.0.1 (same numbers on all three)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -386,8 +401,11 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on (default: every interface)")
     p.add_argument("--port", type=int, default=9092, help="the SuperLink's port (default 9092)")
     p.add_argument("--out", default="runs/server")
-    p.add_argument("--restart", action="store_true",
-                   help="start over in --out; a previous run there is moved aside to <out>.replaced-<time>")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run saved in --out (a restarted server; clients get their proxies again)")
+    again.add_argument("--restart", action="store_true",
+                       help="start over in --out; a previous run there is moved aside to <out>.replaced-<time>")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_server)
 
@@ -429,8 +447,9 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
                    help="clients-scaling: peak memory and time per round of 2-round runs with 20, 200 and 2000 "
                         "clients (same clients per round), each in its own process; default-speed: the warm "
                         "default run as the --baseline code ran it, and with this code's random and length-grouped "
-                        "(the default) client batches, side by side, and its FLOP efficiency; engines: the default run in-process and on a local Flower "
-                        "deployment, wall time as a ratio to in-process")
+                        "(the default) client batches, side by side, and its FLOP efficiency; engines: the default "
+                        "run in-process, on Flower's simulation engine and on a local Flower deployment, wall time "
+                        "as a ratio to in-process (each run's logs kept in OUT/engines/)")
     p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path, alternating")
     p.add_argument("--baseline", default=None, metavar="GIT_REVISION",
                    help="default-speed: the code to compare with (default: the commit of main when the faster "

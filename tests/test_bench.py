@@ -217,19 +217,33 @@ def test_an_unknown_baseline_revision_is_one_clear_error():
             pass
 
 
-def test_engine_overhead_runs_the_same_run_on_both_engines(monkeypatch):
+def test_engine_overhead_runs_the_same_run_on_every_engine(monkeypatch, tmp_path):
     """The bench entry compares whole commands per engine and reports ratios to in-process (commands faked:
-    tests/test_flower.py runs the real deployment)."""
-    seen = []
+    tests/test_flower.py runs the real engines); each run gets a folder of its own under the bench's output."""
+    seen, folders = [], []
 
-    def fake(args):
+    def fake(args, out=None):
         seen.append(args)
+        folders.append(out)
         engine = args[args.index("--engine") + 1]
-        return {"seconds": {"inprocess": 10.0, "flower": 35.0}[engine], "cpu_seconds": {"inprocess": 18.0, "flower": 45.0}[engine],
+        return {"seconds": {"inprocess": 10.0, "flower-sim": 20.0, "flower": 35.0}[engine],
+                "cpu_seconds": {"inprocess": 18.0, "flower-sim": 27.0, "flower": 45.0}[engine],
                 "final_accuracy": 0.75}
     monkeypatch.setattr(bench, "run_command_seconds", fake)
-    r = bench.engine_overhead("tiny-bert", preset="smoke", log=lambda _: None)
-    assert [a[a.index("--engine") + 1] for a in seen] == ["inprocess", "flower"]
+    r = bench.engine_overhead("tiny-bert", preset="smoke", log=lambda _: None, out=tmp_path)
+    assert [a[a.index("--engine") + 1] for a in seen] == ["inprocess", "flower-sim", "flower"]
+    assert folders == [tmp_path / "engines" / e for e in ("inprocess", "flower-sim", "flower")]
     assert all(["--preset", "smoke", "--fm", "tiny-bert"] == a[:4] for a in seen)
-    assert r["wall_ratio"] == {"inprocess": 1.0, "flower": 3.5} and r["cpu_ratio"]["flower"] == pytest.approx(2.5)
+    assert r["wall_ratio"] == {"inprocess": 1.0, "flower-sim": 2.0, "flower": 3.5}
+    assert r["cpu_ratio"]["flower"] == pytest.approx(2.5)
     assert r["same_final_accuracy"] and "3.50x" in bench.format_engines(r)
+
+
+def test_a_failed_bench_run_keeps_its_output_and_says_where(tmp_path):
+    """A run that fails (here at once, on a bad flag) leaves its command and output in its folder, named in the
+    error, instead of in a temporary folder that is gone when one wants to read it."""
+    folder = tmp_path / "engines" / "flower"
+    with pytest.raises(RuntimeError, match=f"its output and logs: {folder}"):
+        bench.run_command_seconds(["--fm", "tiny-bert", "--keep-ratio", "1.5"], out=folder)
+    log = (folder / "command.log").read_text()
+    assert "--keep-ratio 1.5" in log.splitlines()[0] and "keep_ratio must be in (0, 1]" in log

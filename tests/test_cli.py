@@ -91,14 +91,34 @@ def test_run_table_labels_the_best_round_as_optimistic(capsys):
     (["inspect", "--retained-layers", "0 9"], "retained_layers entries must be in [0, 3]"),
     (["run", "--sample-fraction", "2"], "sample_fraction must be in (0, 1]"),
     (["run", "--workers", "0"], "workers must be in [1, inf], got 0"),
-    (["run", "--engine", "flower", "--resume"], "--resume works with --engine inprocess only"),
     (["run", "--engine", "flower", "--measure-update"], "use --engine inprocess for it"),
+    (["run", "--engine", "flower-sim", "--measure-update"], "use --engine inprocess for it"),
 ])
 def test_bad_arguments_give_one_clear_line(tmp_path, capsys, args, message):
     base = ["--fm", "tiny-bert", "--max-train", "160", "--max-test", "32", "--public-blocks", "32", "--quiet"]
     assert main([*args, *base, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_flower_sim_without_ray_names_the_extra_in_one_line(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    assert main(["run", "--engine", "flower-sim", "--fm", "tiny-bert", "--quiet", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "needs Ray: pip install 'fedpft-lab[flower-sim]'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("engine", ["flower", "flower-sim"])
+def test_resuming_another_configuration_on_flower_is_one_line_before_any_work(tmp_path, capsys, engine):
+    base = ["--fm", "tiny-bert", "--max-train", "160", "--max-test", "32", "--public-blocks", "32", "--rounds", "1",
+            "--clients", "2", "--distill-steps", "0", "--quiet", "--out", str(tmp_path)]
+    assert main(["run", *base]) == 0
+    assert main(["run", "--engine", engine, "--resume", "--lr", "0.5", *base]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with a different configuration" in err and "Traceback" not in err
 
 
 def test_a_client_outside_the_partitions_is_one_clear_line(capsys):

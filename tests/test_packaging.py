@@ -132,9 +132,14 @@ def test_env_installs_project_editable_with_all_extras(env_yml, pyproject):
     path, extras = editables[0]
     assert path in {".", "./"}, "environment.yml sits in the repo root, so the editable path must be '.'"
     optional = pyproject["project"]["optional-dependencies"]
-    assert set(optional) == {"lab", "dev", "flower"}, f"pyproject extras changed ({sorted(optional)}): update environment.yml too"
-    # the flower extra is a subset of dev, so .[lab,dev] installs every extra's packages
-    assert set(optional["flower"]) <= set(optional["dev"])
+    assert set(optional) == {"lab", "dev", "flower", "flower-sim"}, \
+        f"pyproject extras changed ({sorted(optional)}): update environment.yml too"
+    # dev covers both Flower extras (the same pin, at least their extras), so .[lab,dev] installs every package
+    dev = {r.name: r for r in map(Requirement, optional["dev"])}
+    for extra in ("flower", "flower-sim"):
+        for req in map(Requirement, optional[extra]):
+            assert req.name in dev and dev[req.name].specifier == req.specifier, (extra, str(req))
+            assert req.extras <= dev[req.name].extras, (extra, str(req))
     assert extras == {"lab", "dev"}
 
 

@@ -24,7 +24,9 @@ from pathlib import Path
 from ...config import FedConfig
 from ...errors import ConfigError
 
+CLIENT_STORE = "FEDPFT_LAB_CLIENT_STORE"   # where a client keeps its proxy between rounds (see client_app)
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",   # Ray 2.55 warns unless told its future default
              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
              "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 APP_PYPROJECT = """[build-system]
@@ -51,6 +53,7 @@ out-dir = ""
 timeout = 3600.0
 round-timeout = 3600.0
 min-answers = 0
+resume = false
 """
 
 
@@ -99,9 +102,11 @@ class Processes:
         self.stopped: list[int] = []   # every pid :meth:`stop` found (started processes and their descendants)
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """``args`` as a process of its own, output in ``<log_dir>/<name>.log``; ``env``: added to the common one."""
         with open(self.log_dir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(args, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         self.procs.append(proc)
         return proc
 
@@ -166,17 +171,18 @@ def write_app(folder: Path, home: Path, address: str) -> None:
 
 
 def submit(cfg: FedConfig, out: Path, app: Path, env: dict[str, str], timeout: float,
-           round_timeout: float | None = None, min_answers: int = 0) -> dict:
+           round_timeout: float | None = None, min_answers: int = 0, resume: bool = False) -> dict:
     """``flwr run`` the configured run on the SuperLink of ``env``'s home; wait for it; return its metrics.
 
     ``round_timeout`` / ``min_answers``: a round goes on without the clients that did not answer in time, if at
-    least ``min_answers`` did (0: all must).
+    least ``min_answers`` did (0: all must). ``resume``: the server continues the run saved in ``out``.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "flower-logs").mkdir(parents=True, exist_ok=True)
     config = out / "flower-config.json"
     config.write_text(json.dumps(cfg.to_json()))
     run_config = (f"config='{config.resolve()}' out-dir='{out.resolve()}' timeout={float(timeout)} "
-                  f"round-timeout={float(round_timeout or timeout)} min-answers={int(min_answers)}")
+                  f"round-timeout={float(round_timeout or timeout)} min-answers={int(min_answers)} "
+                  f"resume={str(bool(resume)).lower()}")
     with open(out / "flower-logs" / "flwr-run.log", "wb") as log:
         subprocess.run([tool("flwr"), "run", str(app), "loopback", "--run-config", run_config, "--stream"],
                        env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False)
@@ -200,19 +206,21 @@ def local_deployment(num_nodes: int, log_dir: Path) -> Iterator[tuple[Processes,
             write_app(app, home, address)
             link = procs.start("superlink", superlink_args("127.0.0.1", port))
             wait_for_port("127.0.0.1", port, link)
-            for k in range(num_nodes):
-                procs.start(f"supernode-{k}", supernode_args(address, free_port(), k, num_nodes))
+            for k in range(num_nodes):   # each client keeps its proxy in a folder of its own (client_app.STORE)
+                procs.start(f"supernode-{k}", supernode_args(address, free_port(), k, num_nodes),
+                            {CLIENT_STORE: str(Path(tmp) / "clients" / str(k))})
             yield procs, app, env
         finally:
             procs.stop()
 
 
-def run_flower(cfg: FedConfig, out_dir: str | os.PathLike, timeout: float = 3600) -> dict:
-    """``cfg`` on a local Flower deployment (one SuperNode per client): the same metrics as the in-process run."""
+def run_flower(cfg: FedConfig, out_dir: str | os.PathLike, timeout: float = 3600, resume: bool = False) -> dict:
+    """``cfg`` on a local Flower deployment (one SuperNode per client): the same metrics as the in-process run.
+    ``resume``: continue the run saved in ``out_dir`` (its clients get their proxies again)."""
     check_flower_config(cfg)
     out = Path(out_dir)
     with local_deployment(cfg.data.clients, out / "flower-logs") as (_, app, env):
-        return submit(cfg, out, app, env, timeout)
+        return submit(cfg, out, app, env, timeout, resume=resume)
 
 
 def check_flower_config(cfg: FedConfig) -> None:
@@ -224,9 +232,10 @@ def check_flower_config(cfg: FedConfig) -> None:
 # --------------------------------------------------------------------------- a room: one server, many laptops
 
 def serve(cfg: FedConfig, out_dir: str | os.PathLike, host: str, port: int, timeout: float = 3600,
-          say=print) -> dict:
+          say=print, resume: bool = False) -> dict:
     """The server of a room: a SuperLink on ``host:port`` and the ServerApp for ``cfg``; waits for one client per
-    partition (``fedpft-lab client``), runs, and stops the SuperLink."""
+    partition (``fedpft-lab client``), runs, and stops the SuperLink. ``resume``: continue the run saved in
+    ``out_dir`` (a server restarted after a crash)."""
     check_flower_config(cfg)
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="fedpft-flower-") as tmp:
@@ -240,7 +249,7 @@ def serve(cfg: FedConfig, out_dir: str | os.PathLike, host: str, port: int, time
             shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
             say(f"SuperLink listening on {host}:{port}. Each participant runs, with K = 0..{cfg.data.clients - 1}:")
             say(f"  fedpft-lab client --server {shown}:{port} --partition-id K --num-partitions {cfg.data.clients}")
-            return submit(cfg, out, app, env, timeout)
+            return submit(cfg, out, app, env, timeout, resume=resume)
         finally:
             procs.stop()
 
@@ -249,4 +258,5 @@ def join(server: str, partition: int, num_partitions: int, port: int | None = No
     """A participant: a SuperNode serving shard ``partition`` until the server's run ends (or Ctrl-C)."""
     with tempfile.TemporaryDirectory(prefix="fedpft-flower-") as tmp:
         args = supernode_args(server, port or free_port(), partition, num_partitions)
-        return subprocess.run(args, env=flower_env(Path(tmp) / "home"), check=False).returncode
+        env = {**flower_env(Path(tmp) / "home"), CLIENT_STORE: str(Path(tmp) / "client")}
+        return subprocess.run(args, env=env, check=False).returncode

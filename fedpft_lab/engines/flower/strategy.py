@@ -9,10 +9,13 @@ the in-process one compute the same numbers:
 * ``aggregate_train``: replies are checked (a malformed one is rejected with a logged reason), sorted by client
   and averaged by the core's FedAvg (float64 accumulation, the in-process order), not Flower's own average.
 * ``start``: round 0's evaluation, then per round configure -> send and receive -> aggregate -> the core's
-  evaluation and alignment; ``metrics.json`` is rewritten after every round, as the in-process engine does.
+  evaluation and alignment; ``metrics.json`` and ``checkpoint.pt`` (the in-process engine's files, written by its
+  own functions) are rewritten after every round, so :meth:`resume` continues a stopped server where it stopped.
 
 A round's record is the in-process engine's, plus ``flower``: the bytes and arrays Flower's ``ArrayRecord`` s
-actually carried down and up (tensor data plus each array's name and header), next to ``bytes_down``/``bytes_up``.
+actually carried down and up (tensor data plus each array's name and header), next to ``bytes_down``/``bytes_up``;
+and after a restart, ``proxy_resent``: the clients that got their whole proxy again because what they held
+belonged to the stopped run (their ``bytes_down_weights`` say what that cost).
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from ... import io
+from ... import align, models
 from ...config import FedConfig
 from ...core import server
 from ...core.messages import ClientUpdate
 from ...core.proxy import proxy_spec
+from ...federation import _load_checkpoint, _read_checkpoint, _save as save_run  # the in-process engine's files
 from ...workspace import Workspace
 from . import records
 
@@ -43,10 +47,11 @@ class FedPFTStrategy(FedAvg):
 
     def __init__(self, cfg: FedConfig, ws: Workspace, setup: server.Setup, out_dir: Path | None = None,
                  on_round: Callable[[dict], None] | None = None, min_answers: int | None = None,
-                 round_timeout: float = 3600) -> None:
+                 round_timeout: float = 3600, engine: str = "flower") -> None:
         super().__init__(fraction_train=cfg.sample_fraction, fraction_evaluate=0.0,
                          min_train_nodes=cfg.clients_per_round(), min_available_nodes=cfg.data.clients)
         self.cfg, self.ws, self.setup, self.out_dir, self.on_round = cfg, ws, setup, out_dir, on_round
+        self.engine = engine                     # "flower" (a deployment) or "flower-sim" (Ray), for metrics.json
         # a round goes on with the clients that answered within round_timeout, if at least min_answers did
         # (default: every sampled client, the in-process engine's behaviour)
         self.min_answers = min(min_answers or cfg.clients_per_round(), cfg.clients_per_round())
@@ -61,6 +66,19 @@ class FedPFTStrategy(FedAvg):
                              "train": server.train_settings(cfg, setup).to_json()}
         self.metrics: dict = {}
         self._record: dict = {}
+        self.resent: set[int] = set()            # clients whose proxy died with a stopped run (see resume)
+
+    def resume(self) -> None:
+        """Continue the run saved in ``out_dir`` (nothing saved: start afresh, as the in-process ``--resume``).
+
+        The clients of a restarted server start without state (Flower keeps a client's ``context.state`` per run),
+        so each gets its whole proxy again, at the server's current weights, in its next round.
+        """
+        blob = _read_checkpoint(self.out_dir, self.cfg) if self.out_dir is not None else None
+        if blob is None:
+            return
+        self.state = _load_checkpoint(blob, self.setup)
+        self.resent, self.state.synced = set(self.state.synced), {}
 
     # -- who is who ----------------------------------------------------------------------------------------
     def connect(self, grid: Grid, timeout: float) -> None:
@@ -89,7 +107,14 @@ class FedPFTStrategy(FedAvg):
     def round_contents(self, server_round: int) -> list[tuple[int, RecordDict]]:
         """(node id, message content) for each client sampled in ``server_round``; opens the round's record."""
         clients = self.schedule[server_round - 1]
+        if self.state.package:   # the server's device copy follows the clients, as the in-process engine's
+            align.apply_weight_package(models.unwrap(self.setup.devices[0]), self.state.package)  # (checkpoint)
+            self.state.package = {}
         new = {k for k in clients if k not in self.state.synced}
+        if new & self.resent:
+            self._resent_now, self.resent = sorted(new & self.resent), self.resent - new
+        else:
+            self._resent_now = []
         self._record, broadcasts = server.open_round(self.cfg, self.setup, self.state, server_round, clients,
                                                      ship_weights=True)
         frozen = self.setup.frozen_state() if new else None
@@ -98,6 +123,8 @@ class FedPFTStrategy(FedAvg):
             first = b.client in new
             out.append((self.nodes[b.client], records.broadcast_content(b, frozen if first else None,
                                                                         self.client_setup if first else None)))
+        if self._resent_now:
+            self._record["proxy_resent"] = self._resent_now
         self._record["flower"] = {"bytes_down": sum(records.carried_bytes(c) for _, c in out),
                                   "arrays_down": sum(records.carried_arrays(c) for _, c in out)}
         return out
@@ -155,10 +182,14 @@ class FedPFTStrategy(FedAvg):
     def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
               timeout: float = 3600, train_config: ConfigRecord | None = None,
               evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
-        """Round 0 (A_0 evaluated), then ``cfg.rounds`` rounds through ``grid``; the metrics in ``self.metrics``."""
+        """Round 0 (A_0 evaluated), then ``cfg.rounds`` rounds through ``grid``, from the round :meth:`resume`
+        reached; the metrics in ``self.metrics``."""
         self.connect(grid, timeout)
         arrays = initial_arrays or records.arrays(self.state.global_state)
-        for rnd in range(0, (num_rounds or self.cfg.rounds) + 1):
+        last = num_rounds or self.cfg.rounds
+        if self.state.next_round > last:      # resumed a finished run: report it (and restore its files)
+            self._write()
+        for rnd in range(self.state.next_round, last + 1):
             t0 = time.perf_counter()
             self._updates = []
             if rnd == 0:
@@ -173,12 +204,16 @@ class FedPFTStrategy(FedAvg):
                                         t0)
             self.state.records.append(record)
             self.state.next_round = rnd + 1
-            self.metrics = server.summary(self.cfg, self.setup, self.state.records, self.ws)
-            self.metrics["engine"] = "flower"
-            if self.out_dir is not None:
-                io.atomic_json(self.metrics, self.out_dir / "metrics.json")
+            self._write()
             if self.on_round is not None:
                 self.on_round(record)
         result = Result()
         result.arrays = arrays
         return result
+
+    def _write(self) -> None:
+        """The metrics so far into ``self.metrics`` and, with ``out_dir``, the in-process engine's two files."""
+        self.metrics = server.summary(self.cfg, self.setup, self.state.records, self.ws)
+        self.metrics["engine"] = self.engine
+        if self.out_dir is not None:
+            save_run(self.out_dir, self.cfg, self.setup, self.state, self.metrics)
