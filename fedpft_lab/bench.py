@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils import flop_counter
 
 from . import adapters, data, federation, io, models, parallel, subfm
+from .core.proxy import wrap_proxy
 from .distill import DistillConfig, distill, embed
 from .paths import LABS_DIR, cache_dir, lab_notebooks
 from .workspace import DataConfig, Workspace, prepare
@@ -289,7 +290,7 @@ def training_throughputs(named: dict[str, nn.Module], shard: data.EncodedSplit, 
 def lora_proxy(ws: Workspace, keep_ratio: float | None) -> nn.Module:
     """FM (``keep_ratio=None``) or sub-FM with the lab's default LoRA, as a client trains it."""
     base = ws.fm if keep_ratio is None else subfm.build_sub_fm(ws.fm, subfm.SubFMConfig(keep_ratio=keep_ratio))[0]
-    return adapters.add_lora(copy.deepcopy(base), adapters.LoRAConfig(), seed=0)
+    return wrap_proxy(copy.deepcopy(base), adapters.LoRAConfig(), seed=0)
 
 
 def training_bench(ws: Workspace, cfg: BenchConfig, peak_flops: float | None) -> dict:

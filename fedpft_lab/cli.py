@@ -142,9 +142,8 @@ def _add_fed_args(p: argparse.ArgumentParser, preset: str) -> None:
 # --------------------------------------------------------------------------- inspect
 
 def cmd_inspect(a: argparse.Namespace) -> dict:
-    import copy
-
     from . import adapters, models, subfm
+    from .core.proxy import wrap_pair
     from .discrepancy import gradient_discrepancy
     from .distill import DistillConfig
     from .workspace import prepare, sub_fm
@@ -153,9 +152,7 @@ def cmd_inspect(a: argparse.Namespace) -> dict:
     ws = prepare(_data_config(a))
     sub_cfg = subfm.SubFMConfig(a.keep_ratio, a.retained_layers, a.selection, a.seed)
     built = sub_fm(ws, sub_cfg, DistillConfig(steps=a.distill_steps, seed=a.seed), progress=not a.quiet)
-    lora = adapters.LoRAConfig()
-    fm = adapters.add_lora(copy.deepcopy(ws.fm), lora, seed=a.seed)
-    sub = adapters.add_lora(built.model, lora, seed=a.seed)
+    fm, sub = wrap_pair(ws.fm, built.model, adapters.LoRAConfig(), a.seed)
     d = gradient_discrepancy(fm, sub, ws.probe_batches, state=adapters.adapter_state(fm))
     result = {
         "fm": a.fm, "task": ws.task.name, "keep_ratio": a.keep_ratio, "selection": a.selection,

@@ -30,7 +30,7 @@ from ..version import code_version
 from ..workspace import Workspace, sub_fm
 from .messages import Broadcast, ClientUpdate, TrainSettings
 from .progress import Progress, StopSignal, Ticker, check_stop
-from .proxy import frozen_state as frozen_weights
+from .proxy import frozen_state as frozen_weights, wrap_pair
 
 
 # --------------------------------------------------------------------------- the proxy and the two models
@@ -110,10 +110,7 @@ def build_setup(cfg: FedConfig, ws: Workspace, progress: bool = True, stop: Stop
         adapter_layers = list(proxy_layers)
     else:                                  # FedOT: LoRA in the bottom/top adapter layers only
         adapter_layers = sorted(cfg.sub_config().retained(n_fm))
-    fm = adapters.add_lora(copy.deepcopy(ws.fm), lora, adapter_layers, seed=cfg.seed)
-    proxy_ids = ([j for j, i in enumerate(proxy_layers) if i in adapter_layers] if proxy_layers is not None
-                 else adapter_layers)
-    server_proxy = adapters.add_lora(proxy, lora, proxy_ids, seed=cfg.seed)
+    fm, server_proxy = wrap_pair(ws.fm, proxy, lora, cfg.seed, adapter_layers, proxy_layers)
     devices = [copy.deepcopy(server_proxy)]
     init_state = adapters.adapter_state(fm)
     return Setup(fm, server_proxy, devices, proxy_layers, compressed, init_state, loss, fm_params, proxy_params,
