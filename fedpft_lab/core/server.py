@@ -8,7 +8,8 @@ A round, as the server sees it (``rnd == 0``: evaluate A_0 only, the reference p
     close_round: FedAvg weighted by example counts -> plug into the FM and evaluate; every t rounds (FedPFT,
                  FedPFT-D) neuron-level alignment of the server's proxy copy -> the W_fro package of the next round
 
-Renaming between FM and proxy layer names, FedAvg, alignment and byte counting happen here and nowhere else.
+The server calls the one implementation of each FedPFT step: FM <-> proxy renaming, FedAvg and byte counting
+(:mod:`fedpft_lab.adapters`), alignment (:mod:`fedpft_lab.align`), LoRA wrapping (:mod:`.proxy`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import adapters, align, discrepancy, models, parallel, subfm
+from ..adapters import to_fm_names, to_proxy_names
 from ..config import FedConfig
 from ..device import side_by_side
 from ..discrepancy import gradient_discrepancy
@@ -117,18 +119,6 @@ def build_setup(cfg: FedConfig, ws: Workspace, progress: bool = True, stop: Stop
                  proxy_is_fm=cfg.proxy_kind == "fm")
 
 
-def to_proxy_names(state: dict[str, torch.Tensor], proxy_layers: list[int] | None) -> dict[str, torch.Tensor]:
-    if proxy_layers is None:
-        return state
-    return adapters.translate(state, {fm_i: j for j, fm_i in enumerate(proxy_layers)})
-
-
-def to_fm_names(state: dict[str, torch.Tensor], proxy_layers: list[int] | None) -> dict[str, torch.Tensor]:
-    if proxy_layers is None:
-        return state
-    return adapters.translate(state, adapters.layer_key_map(proxy_layers))
-
-
 # --------------------------------------------------------------------------- stop and progress inside a round
 
 
@@ -210,7 +200,7 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     to_score: dict[str, nn.Module] = {"accuracy": setup.fm} if fm else {}
     if not setup.proxy_is_fm:
         to_score["sub_accuracy"] = setup.server_proxy
-    layer_map = discrepancy.layer_map(setup.proxy_layers)
+    layer_map = adapters.layer_key_map(setup.proxy_layers)
     jobs: list[Callable[[], object]] = ([] if setup.proxy_is_fm else
                                         [functools.partial(discrepancy.batch_terms, setup.fm, setup.server_proxy,
                                                            batch, layer_map) for batch in ws.probe_batches])
