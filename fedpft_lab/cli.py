@@ -354,10 +354,10 @@ def _restart(a: argparse.Namespace) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    from .federation import _atomic_json
+    from .io import atomic_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_json(obj, path)
+    atomic_json(obj, path)
 
 
 def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
