@@ -37,11 +37,11 @@ import pandas as pd
 import torch
 
 from fedpft_lab import io
+from fedpft_lab.config import TASKS
 from fedpft_lab.errors import ConfigError, check_range, short
 from fedpft_lab.partition import largest_remainder_counts
 from fedpft_lab.paths import cache_dir, config_key
 
-TASKS: tuple[str, ...] = ("tweets", "wiki-topics", "wiki-pairs", "sst2", "qnli", "mnli", "qqp", "cifar10")
 OFFLINE_TASKS = ("tweets", "wiki-topics", "wiki-pairs")
 CACHE_VERSION = 2   # bump when the meaning of a cached file changes
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import data, io, models, paths, subfm
 from .device import model_device, resolve_device, to_device
-from .config import DataConfig  # noqa: F401  (re-exported: it used to live here)
+from .config import PUBLIC_SOURCES, DataConfig  # DataConfig re-exported: it used to live here
 from .errors import ConfigError, check_choice
 from .version import RESULTS_VERSION
 from .distill import DistillConfig, distill, layer_gaps
@@ -119,7 +119,7 @@ def public_inputs(cfg: DataConfig, preprocessor, task: "data.TaskData") -> torch
     without labels; no public image corpus ships offline, and the clients' own images must not be the server's."""
     if task.modality == "image":
         return data.public_task_images(preprocessor, task, max_images=cfg.public_blocks)
-    check_choice("public", cfg.public, ("sentences", "blocks", "task"))
+    check_choice("public", cfg.public, PUBLIC_SOURCES)
     if cfg.public == "task":
         return data.public_task_sentences(preprocessor, task, length=cfg.block_size, max_blocks=cfg.public_blocks,
                                           seed=cfg.seed)
