@@ -2,12 +2,13 @@
 
 An *adapter state* is a plain ``{parameter name: tensor}`` dict of everything trainable. FM and sub-FM
 have identical attention modules and module names, so the same state loads into either: that is the
-"plug-in" of FedPFT. For a layer-drop proxy the layer indices differ and :func:`layer_key_map` translates.
+"plug-in" of FedPFT. For a layer-drop proxy the layer indices differ: :func:`to_proxy_names` and
+:func:`to_fm_names` translate, and they are the package's only FM <-> proxy renaming.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,7 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> N
     Strict both ways, because a silent partial load is the worst failure a plug-in can have: a state key the
     model lacks would be dropped, and a trainable parameter the state lacks would keep a *stale* adapter from an
     earlier round, and the accuracy measured would belong to neither. Names must match exactly (see
-    :func:`layer_key_map` for layer-drop proxies).
+    :func:`to_proxy_names` for layer-drop proxies).
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     unknown = sorted(set(state) - set(params))
@@ -111,13 +112,32 @@ def remap_layers(name: str, mapping: Mapping[int, int]) -> str:
     return _LAYER_RE.sub(lambda m: m.group(0).replace(f".{i}.", f".{mapping[i]}."), name, count=1)
 
 
-def layer_key_map(kept_layers: list[int]) -> dict[int, int]:
-    """Proxy layer j -> FM layer kept_layers[j]."""
-    return {j: fm_i for j, fm_i in enumerate(kept_layers)}
+def layer_key_map(kept_layers: Sequence[int] | None) -> dict[int, int] | None:
+    """Proxy layer j -> FM layer kept_layers[j]; None when the proxy has the FM's layer indices (sub-FM)."""
+    return None if kept_layers is None else {j: fm_i for j, fm_i in enumerate(kept_layers)}
 
 
 def translate(state: Mapping[str, torch.Tensor], mapping: Mapping[int, int]) -> AdapterState:
+    """``state`` with every layer index renamed through ``mapping`` (each key's layer must be in it)."""
     return {remap_layers(k, mapping): v for k, v in state.items()}
+
+
+def to_proxy_names(state: Mapping[str, torch.Tensor], proxy_layers: Sequence[int] | None) -> AdapterState:
+    """The part of an FM-named adapter ``state`` that the proxy holds, in the proxy's layer names.
+
+    ``proxy_layers[j]`` is the FM layer that proxy layer j came from (None: the same indices, ``state`` as it
+    is). FM layers the proxy dropped are left out: a layer-drop proxy shares only part of the FM's adapter.
+    """
+    if proxy_layers is None:
+        return state
+    fm_to_proxy = {fm_i: j for j, fm_i in enumerate(proxy_layers)}
+    return translate({k: v for k, v in state.items() if layer_of(k) is None or layer_of(k) in fm_to_proxy},
+                     fm_to_proxy)
+
+
+def to_fm_names(state: Mapping[str, torch.Tensor], proxy_layers: Sequence[int] | None) -> AdapterState:
+    """A proxy-named adapter ``state`` in the FM's layer names (see :func:`to_proxy_names`)."""
+    return state if proxy_layers is None else translate(state, layer_key_map(proxy_layers))
 
 
 def fedavg(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> AdapterState:

@@ -52,6 +52,8 @@ from torch import nn
 from torch.utils import flop_counter
 
 from . import adapters, data, federation, io, models, parallel, subfm
+from .config import BENCH_ONLY, BENCH_ONLY_HELP
+from .core.proxy import wrap_proxy
 from .distill import DistillConfig, distill, embed
 from .paths import LABS_DIR, cache_dir, lab_notebooks
 from .workspace import DataConfig, Workspace, prepare
@@ -289,7 +291,7 @@ def training_throughputs(named: dict[str, nn.Module], shard: data.EncodedSplit, 
 def lora_proxy(ws: Workspace, keep_ratio: float | None) -> nn.Module:
     """FM (``keep_ratio=None``) or sub-FM with the lab's default LoRA, as a client trains it."""
     base = ws.fm if keep_ratio is None else subfm.build_sub_fm(ws.fm, subfm.SubFMConfig(keep_ratio=keep_ratio))[0]
-    return adapters.add_lora(copy.deepcopy(base), adapters.LoRAConfig(), seed=0)
+    return wrap_proxy(copy.deepcopy(base), adapters.LoRAConfig(), seed=0)
 
 
 def training_bench(ws: Workspace, cfg: BenchConfig, peak_flops: float | None) -> dict:
@@ -947,11 +949,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fm", default=models.DEFAULT_FM, help="minilm (default) or tiny-bert for a seconds-long check")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is faster when other jobs share the CPU")
-    p.add_argument("--only", choices=("clients-scaling", "default-speed", "engines"), default=None,
-                   help="clients-scaling: peak memory and time per round with 20, 200 and 2000 clients; "
-                        "default-speed: the default run with random and with length-grouped client batches; "
-                        "engines: the default run in-process, on Flower's simulation engine and on a local "
-                        "Flower deployment")
+    p.add_argument("--only", choices=BENCH_ONLY, default=None, help=BENCH_ONLY_HELP)
     p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path (alternating)")
     p.add_argument("--baseline", default=SPEED_BASELINE,
                    help="default-speed: the git revision the default run is compared with (default: %(default)s, "

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ALIGN_RULES, DEVICES, METHODS, SWEEP_PARAM_TYPES
+from .config import (ALIGN_RULES, BENCH_ONLY, BENCH_ONLY_HELP, DEVICES, METHODS, PARTITION_CONVENTIONS,
+                     PARTITION_SCHEMES, PUBLIC_SOURCES, SELECTIONS, SWEEP_PARAM_TYPES, TASKS)
 from .errors import ConfigError
 from .presets import DEFAULT_PRESET, PRESETS, preset_values
 
@@ -38,14 +39,14 @@ def _add_data_args(p: argparse.ArgumentParser, preset: str, with_clients: bool =
                    help="let --fm load a local folder's pickle weights (pytorch_model.bin), which can run code; "
                         "only for folders you trust (default: safetensors only)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--task", default=d["task"], help="tweets (default), wiki-topics, wiki-pairs, sst2, qnli, mnli, qqp, cifar10")
+    src.add_argument("--task", default=d["task"], help=f"{', '.join(TASKS)} (default: %(default)s)")
     src.add_argument("--data", default=None, metavar="PATH", help="your own CSV/JSONL with text,label columns")
     p.add_argument("--max-train", type=_optional_int, default=d["max_train"],
                    help="training examples used (all clients; 'all' for the whole training split)")
     p.add_argument("--max-test", type=_optional_int, default=d["max_test"],
                    help="test examples used for evaluation ('all' for the whole test split)")
     p.add_argument("--public-blocks", type=int, default=d["public_blocks"], help="public-corpus blocks for distillation")
-    p.add_argument("--public", choices=("sentences", "blocks", "task"), default=d["public"],
+    p.add_argument("--public", choices=PUBLIC_SOURCES, default=d["public"],
                    help="server's unlabeled data: Wikipedia sentences (default), packed Wikipedia blocks, or "
                         "held-out unlabeled tweets of the clients' domain (task)")
     balance = p.add_mutually_exclusive_group()
@@ -55,9 +56,9 @@ def _add_data_args(p: argparse.ArgumentParser, preset: str, with_clients: bool =
                          help="keep the task's own label mix")
     if with_clients:
         p.add_argument("--clients", type=int, default=d["clients"])
-        p.add_argument("--partition", choices=("iid", "dirichlet"), default=d["partition"])
+        p.add_argument("--partition", choices=PARTITION_SCHEMES, default=d["partition"])
         p.add_argument("--alpha", type=float, default=d["alpha"], help="Dirichlet concentration (> 0)")
-        p.add_argument("--convention", choices=("flgo", "per-class"), default=d["convention"],
+        p.add_argument("--convention", choices=PARTITION_CONVENTIONS, default=d["convention"],
                        help="flgo: each client ~ Dir(alpha * global label mix) (the paper's code); "
                             "per-class: each label split by Dir(alpha) over clients")
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +78,7 @@ def _add_subfm_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--keep-ratio", type=float, default=f["keep_ratio"], help="fraction of FFN neurons kept, in (0, 1]")
     p.add_argument("--retained-layers", type=_int_list, default=None,
                    help="layers kept whole, e.g. '0 5' (default: first and last)")
-    p.add_argument("--selection", choices=("saliency", "random"), default=f["selection"])
+    p.add_argument("--selection", choices=SELECTIONS, default=f["selection"])
     p.add_argument("--distill-steps", type=int, default=f["distill_steps"], help="layer-level distillation steps")
 
 
@@ -142,9 +143,8 @@ def _add_fed_args(p: argparse.ArgumentParser, preset: str) -> None:
 # --------------------------------------------------------------------------- inspect
 
 def cmd_inspect(a: argparse.Namespace) -> dict:
-    import copy
-
     from . import adapters, models, subfm
+    from .core.proxy import wrap_pair
     from .discrepancy import gradient_discrepancy
     from .distill import DistillConfig
     from .workspace import prepare, sub_fm
@@ -153,9 +153,7 @@ def cmd_inspect(a: argparse.Namespace) -> dict:
     ws = prepare(_data_config(a))
     sub_cfg = subfm.SubFMConfig(a.keep_ratio, a.retained_layers, a.selection, a.seed)
     built = sub_fm(ws, sub_cfg, DistillConfig(steps=a.distill_steps, seed=a.seed), progress=not a.quiet)
-    lora = adapters.LoRAConfig()
-    fm = adapters.add_lora(copy.deepcopy(ws.fm), lora, seed=a.seed)
-    sub = adapters.add_lora(built.model, lora, seed=a.seed)
+    fm, sub = wrap_pair(ws.fm, built.model, adapters.LoRAConfig(), a.seed)
     d = gradient_discrepancy(fm, sub, ws.probe_batches, state=adapters.adapter_state(fm))
     result = {
         "fm": a.fm, "task": ws.task.name, "keep_ratio": a.keep_ratio, "selection": a.selection,
@@ -357,10 +355,10 @@ def _restart(a: argparse.Namespace) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    from .federation import _atomic_json
+    from .io import atomic_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_json(obj, path)
+    atomic_json(obj, path)
 
 
 def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
@@ -443,13 +441,7 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--skip-notebooks", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
-    p.add_argument("--only", choices=("clients-scaling", "default-speed", "engines"), default=None,
-                   help="clients-scaling: peak memory and time per round of 2-round runs with 20, 200 and 2000 "
-                        "clients (same clients per round), each in its own process; default-speed: the warm "
-                        "default run as the --baseline code ran it, and with this code's random and length-grouped "
-                        "(the default) client batches, side by side, and its FLOP efficiency; engines: the default "
-                        "run in-process, on Flower's simulation engine and on a local Flower deployment, wall time "
-                        "as a ratio to in-process (each run's logs kept in OUT/engines/)")
+    p.add_argument("--only", choices=BENCH_ONLY, default=None, help=BENCH_ONLY_HELP)
     p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path, alternating")
     p.add_argument("--baseline", default=None, metavar="GIT_REVISION",
                    help="default-speed: the code to compare with (default: the commit of main when the faster "

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import io
-from .federation import METHOD_NAMES, FedConfig, _atomic_json, run
+from .federation import METHOD_NAMES, FedConfig, run
 from .stats import mean_ci, paired_diff, share_above
 from .version import code_version
 from .workspace import prepare
@@ -88,9 +88,9 @@ def compare(base: FedConfig, methods: list[str], seeds: list[int], out_dir: Path
 
 def write_compare(table: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(table, out_dir / "compare.json")
+    io.atomic_json(table, out_dir / "compare.json")
     head = f"`{table['command']}`\n\n" if table.get("command") else ""
-    (out_dir / "compare.md").write_text(head + format_table(table) + "\n")
+    io.atomic_write_text(out_dir / "compare.md", head + format_table(table) + "\n")
 
 
 # --------------------------------------------------------------------------- numbers

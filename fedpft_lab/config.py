@@ -25,6 +25,23 @@ METHOD_NAMES = {"fedpft": "FedPFT", "fedpetuning": "FedPETuning", "fedot": "FedO
                 "fedpft-n": "FedPFT-N", "fedpft-b": "FedPFT-B", "fedpft-d": "FedPFT-D"}
 LR_SCHEDULES = ("linear", "exp", "constant")
 ALIGN_RULES = ("mean-abs", "apoz")
+# The allowed values of the other string settings. They live here, not with the code that checks them (data,
+# partition, subfm, workspace import them), so the CLI offers exactly these choices without importing torch.
+TASKS: tuple[str, ...] = ("tweets", "wiki-topics", "wiki-pairs", "sst2", "qnli", "mnli", "qqp", "cifar10")
+PUBLIC_SOURCES = ("sentences", "blocks", "task")
+PARTITION_SCHEMES = ("iid", "dirichlet")
+PARTITION_CONVENTIONS = ("flgo", "per-class")
+SELECTIONS = ("saliency", "random")
+# What ``fedpft-lab bench --only`` measures on its own (both bench parsers offer these, with this help).
+BENCH_ONLY: dict[str, str] = {
+    "clients-scaling": "peak memory and time per round of 2-round runs with 20, 200 and 2000 clients (same clients "
+                       "per round), each in its own process",
+    "default-speed": "the warm default run as the --baseline code ran it, and with this code's random and "
+                     "length-grouped (the default) client batches, side by side, and its FLOP efficiency",
+    "engines": "the default run in-process, on Flower's simulation engine and on a local Flower deployment, wall "
+               "time as a ratio to in-process (each run's logs kept in OUT/engines/)",
+}
+BENCH_ONLY_HELP = "; ".join(f"{name}: {what}" for name, what in BENCH_ONLY.items())
 # The parameters ``fedpft-lab sweep`` can vary, and the type of their values.
 SWEEP_PARAM_TYPES: dict[str, type] = {"align_interval": int, "align_proportion": float, "keep_ratio": float,
                                       "alpha": float}

@@ -37,11 +37,11 @@ import pandas as pd
 import torch
 
 from fedpft_lab import io
+from fedpft_lab.config import TASKS
 from fedpft_lab.errors import ConfigError, check_range, short
 from fedpft_lab.partition import largest_remainder_counts
 from fedpft_lab.paths import cache_dir, config_key
 
-TASKS: tuple[str, ...] = ("tweets", "wiki-topics", "wiki-pairs", "sst2", "qnli", "mnli", "qqp", "cifar10")
 OFFLINE_TASKS = ("tweets", "wiki-topics", "wiki-pairs")
 CACHE_VERSION = 2   # bump when the meaning of a cached file changes
 
@@ -397,8 +397,6 @@ def _tokenizer_id(tokenizer: Any) -> dict[str, Any]:
             "vocab": len(tokenizer) if hasattr(tokenizer, "__len__") else None}
 
 
-atomic_torch_save = io.atomic_torch_save   # the old name, still imported from here
-
 
 def _try_load(path: Path, what: str = "cached data", valid: Any = None) -> Any | None:
     """The cached object, or None to rebuild it (a damaged file is reported and moved aside)."""
@@ -442,7 +440,7 @@ def public_corpus_blocks(tokenizer: Any, block_size: int = 128, max_blocks: int 
         raise ConfigError(f"block_size must be in [2, {len(tokens)}] (tokens in the public corpus), "
                           f"got {block_size}")
     blocks = torch.tensor(tokens[: n_blocks * block_size], dtype=torch.long).view(n_blocks, block_size)
-    atomic_torch_save(blocks, path)
+    io.atomic_torch_save(blocks, path)
     return blocks
 
 
@@ -507,7 +505,7 @@ def public_corpus_sentences(tokenizer: Any, length: int = 32, max_blocks: int | 
     if not rows:
         raise ConfigError(f"length must be in [4, a sentence length in the public corpus], got {length}")
     out = torch.tensor(rows, dtype=torch.long)
-    atomic_torch_save(out, path)
+    io.atomic_torch_save(out, path)
     return out
 
 
@@ -902,7 +900,7 @@ def encode_task(task: TaskData, tokenizer_or_processor: Any, *,
         train = _encode_text(task.train, tokenizer_or_processor, length, f"{key}-train")
         test = _encode_text(task.test, tokenizer_or_processor, length, f"{key}-test")
     if task.fingerprint:
-        atomic_torch_save({"train": _pack(train), "test": _pack(test)}, path)
+        io.atomic_torch_save({"train": _pack(train), "test": _pack(test)}, path)
     return train, test
 
 
@@ -922,7 +920,7 @@ def public_task_images(processor: Any, task: TaskData, max_images: int | None = 
         return cached
     pixels = _encode_images(public, processor).pixel_values
     if task.fingerprint:
-        atomic_torch_save(pixels, path)
+        io.atomic_torch_save(pixels, path)
     return pixels
 
 

@@ -88,7 +88,7 @@ def batch_terms(fm: nn.Module, proxy: nn.Module, batch: Mapping[str, torch.Tenso
     g_fm, o_fm = adapter_gradients(fm, batch, keep_outputs=True)
     g_px, o_px = adapter_gradients(proxy, batch, keep_outputs=True)
     if proxy_to_fm:
-        g_px = {adapters.remap_layers(k, proxy_to_fm): v for k, v in g_px.items()}
+        g_px = adapters.translate(g_px, proxy_to_fm)
     hidden: dict[int, float] = {}
     with torch.no_grad():
         logp_fm = F.log_softmax(o_fm.logits.cpu().double(), -1)
@@ -152,7 +152,7 @@ def gradient_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapp
         load_state(fm, proxy, state, proxy_layers)
     modes = fm.training, proxy.training
     fm.eval(), proxy.eval()
-    proxy_to_fm = layer_map(proxy_layers)
+    proxy_to_fm = adapters.layer_key_map(proxy_layers)
     try:
         return combine([batch_terms(fm, proxy, b, proxy_to_fm) for b in batches])
     finally:
@@ -169,18 +169,8 @@ def update_disparity(start: Mapping[str, torch.Tensor], proxy_state: Mapping[str
     return _cos_rel(d_px, d_fm)
 
 
-def layer_map(proxy_layers: Sequence[int] | None) -> dict[int, int] | None:
-    """Proxy layer j -> FM layer, or None when the indices are the same (sub-FM)."""
-    return adapters.layer_key_map(list(proxy_layers)) if proxy_layers is not None else None
-
-
 def load_state(fm: nn.Module, proxy: nn.Module, state: Mapping[str, torch.Tensor],
                proxy_layers: Sequence[int] | None = None) -> None:
     """Load one adapter state (FM naming) into the FM and, for the layers it has, into the proxy."""
     adapters.load_adapter_state(fm, state)
-    if proxy_layers is None:
-        adapters.load_adapter_state(proxy, state)
-        return
-    fm_to_proxy = {fm_i: j for j, fm_i in enumerate(proxy_layers)}
-    adapters.load_adapter_state(proxy, {adapters.remap_layers(k, fm_to_proxy): v for k, v in state.items()
-                                        if adapters.layer_of(k) is None or adapters.layer_of(k) in fm_to_proxy})
+    adapters.load_adapter_state(proxy, adapters.to_proxy_names(state, proxy_layers))

@@ -39,7 +39,7 @@ from .core.server import (  # noqa: F401  (re-exported: labs, widgets and tests 
 from .device import resolve_device, side_by_side
 from .errors import ConfigError, check_range
 from .version import code_version
-from .workspace import Workspace, atomic_save, ffn_state, load_ffn_state, prepare
+from .workspace import Workspace, ffn_state, load_ffn_state, prepare
 
 # The layout of metrics.json: bump when it gains or loses a field, so the run cache never serves a file that a lab
 # would read a missing field from. (RESULTS_VERSION is for the numbers; this is for the shape.)
@@ -157,9 +157,6 @@ def train_clients(cfg: FedConfig, setup: Setup, ws: Workspace, clients: list[int
     return parallel.run_jobs([job(k) for k in clients] + extra, workers)
 
 
-_atomic_json = io.atomic_json  # the old name, still imported by compare and cli
-
-
 # --------------------------------------------------------------------------- the round loop
 
 def run(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike | None = None,
@@ -248,7 +245,7 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
         if state.next_round > cfg.rounds:  # resumed a finished run: report it (and restore its metrics.json)
             metrics = summary(cfg, setup, state.records, ws, state.startup)
             if out is not None:
-                _atomic_json(metrics, out / "metrics.json")
+                io.atomic_json(metrics, out / "metrics.json")
             yield metrics
         while state.next_round <= cfg.rounds:
             if stop is not None and stop.is_set():
@@ -308,13 +305,14 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
     return close_round(cfg, setup, ws, state, rnd, record, updates, t0, workers, stop, on_progress)
 
 def _save(out: Path, cfg: FedConfig, setup: Setup, state: RunState, metrics: dict) -> None:
-    atomic_save({"config": json.dumps(cfg.to_json(), sort_keys=True), "next_round": state.next_round,
-                 "global_state": state.global_state, "package": state.package,
-                 "server_ffn": ffn_state(models.unwrap(setup.server_proxy), setup.compressed),
-                 "device_ffn": ffn_state(models.unwrap(setup.devices[0]), setup.compressed),
-                 "records": json.dumps(state.records), "alignments": json.dumps(state.alignments),
-                 "synced": json.dumps(state.synced), "startup": json.dumps(state.startup)}, out / "checkpoint.pt")
-    _atomic_json(metrics, out / "metrics.json")
+    io.atomic_torch_save({"config": json.dumps(cfg.to_json(), sort_keys=True), "next_round": state.next_round,
+                          "global_state": state.global_state, "package": state.package,
+                          "server_ffn": ffn_state(models.unwrap(setup.server_proxy), setup.compressed),
+                          "device_ffn": ffn_state(models.unwrap(setup.devices[0]), setup.compressed),
+                          "records": json.dumps(state.records), "alignments": json.dumps(state.alignments),
+                          "synced": json.dumps(state.synced), "startup": json.dumps(state.startup)},
+                         out / "checkpoint.pt")
+    io.atomic_json(metrics, out / "metrics.json")
 
 
 CHECKPOINT_KEYS = {"config", "next_round", "global_state", "package", "server_ffn", "device_ffn", "records"}

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import adapters, models, presets, subfm
+from .core.proxy import wrap_pair
 from .discrepancy import gradient_discrepancy
 from .errors import ConfigError, check_range
 from .federation import METHOD_NAMES, FedConfig
@@ -173,20 +174,13 @@ def proxy_discrepancy(fm: nn.Module, proxy: nn.Module, batches: Sequence[Mapping
                       adapter_layers: Sequence[int] | None = None) -> dict:
     """Gradient discrepancy between ``proxy`` and ``fm`` at the initial global adapter A_0, as a flat dict.
 
-    Both models are deep-copied and LoRA-wrapped the way federation.build_setup does it (FM LoRA seeded with
-    ``seed``; A_0 is the FM's adapter, loaded into the proxy), so neither argument is modified. For a layer-drop
+    Both models are deep-copied and LoRA-wrapped as the server wraps them (:func:`~.core.proxy.wrap_pair`: LoRA
+    seeded with ``seed``; A_0 is the FM's adapter, loaded into the proxy), so neither argument is modified. For a layer-drop
     proxy pass ``proxy_layers`` (proxy layer j came from FM layer proxy_layers[j]) and ``adapter_layers`` (the
     FM layers that carry LoRA, the bottom and top ones in FedOT); only shared parameters are compared.
     """
-    lora = lora or adapters.LoRAConfig()
-    n_fm = models.num_layers(fm)
-    fm_ids = list(adapter_layers) if adapter_layers is not None else list(range(n_fm))
-    if proxy_layers is None:
-        proxy_ids = fm_ids
-    else:
-        proxy_ids = [j for j, i in enumerate(proxy_layers) if i in fm_ids]
-    fm_peft = adapters.add_lora(copy.deepcopy(fm), lora, fm_ids, seed=seed)
-    proxy_peft = adapters.add_lora(copy.deepcopy(proxy), lora, proxy_ids, seed=seed)
+    fm_peft, proxy_peft = wrap_pair(fm, copy.deepcopy(proxy), lora or adapters.LoRAConfig(), seed, adapter_layers,
+                                    proxy_layers)
     d = gradient_discrepancy(fm_peft, proxy_peft, batches, state=adapters.adapter_state(fm_peft),
                              proxy_layers=proxy_layers)
     return {"grad_cosine": d.cosine, "grad_rel_l2": d.rel_l2, "grad_cosine_batch_mean": d.cosine_batch_mean,

@@ -26,10 +26,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedpft_lab.config import PARTITION_CONVENTIONS as CONVENTIONS, PARTITION_SCHEMES as SCHEMES
 from fedpft_lab.errors import ConfigError, check_choice, check_range
-
-SCHEMES = ("iid", "dirichlet")
-CONVENTIONS = ("flgo", "per-class")
 
 MIX_TOLERANCE = 1e-6          # squared error allowed between the clients' mixture and p (FLGo)
 TRIES_PER_TOLERANCE = 500     # loosen the tolerance x10 after this many unsuccessful redraws

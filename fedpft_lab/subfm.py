@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from . import models
+from .config import SELECTIONS
 from .errors import ConfigError, check_choice, check_range
-
-SELECTIONS = ("saliency", "random")
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from . import compare as cmp
+from . import compare as cmp, io
 from .config import SWEEP_PARAM_TYPES
 from .errors import ConfigError, check_choice, check_range
-from .federation import METHOD_NAMES, METHODS, FedConfig, _atomic_json, result_config
+from .federation import METHOD_NAMES, METHODS, FedConfig, result_config
 
 PARAM_TYPES = SWEEP_PARAM_TYPES   # in fedpft_lab.config, so the CLI can list them without importing torch
 # Two distinct values of each parameter, to ask whether a method's result can depend on it at all.
@@ -99,8 +99,8 @@ def sweep(base: FedConfig, param: str, values: list, methods: list[str], seeds: 
         results.append({"value": value, "dir": sub.name, "methods": table["methods"]})
     result = {**cmp.provenance(base, seeds, command), "param": param, "values": values, "methods": methods,
               "affected": {m: affects(m, param, base) for m in methods}, "notes": cmp.NOTES, "results": results}
-    _atomic_json(result, out_dir / "sweep.json")
-    (out_dir / "sweep.md").write_text(format_sweep(result) + "\n")
+    io.atomic_json(result, out_dir / "sweep.json")
+    io.atomic_write_text(out_dir / "sweep.md", format_sweep(result) + "\n")
     figure(result).write_html(out_dir / "sweep.html", include_plotlyjs=True)
     return result
 

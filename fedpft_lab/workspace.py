@@ -16,8 +16,7 @@ from torch import nn
 
 from . import data, io, models, paths, subfm
 from .device import model_device, resolve_device, to_device
-from .config import DataConfig  # noqa: F401  (re-exported: it used to live here)
-from .data import atomic_torch_save as atomic_save  # noqa: F401  (re-exported for federation)
+from .config import PUBLIC_SOURCES, DataConfig  # DataConfig re-exported: it used to live here
 from .errors import ConfigError, check_choice
 from .version import RESULTS_VERSION
 from .distill import DistillConfig, distill, layer_gaps
@@ -120,7 +119,7 @@ def public_inputs(cfg: DataConfig, preprocessor, task: "data.TaskData") -> torch
     without labels; no public image corpus ships offline, and the clients' own images must not be the server's."""
     if task.modality == "image":
         return data.public_task_images(preprocessor, task, max_images=cfg.public_blocks)
-    check_choice("public", cfg.public, ("sentences", "blocks", "task"))
+    check_choice("public", cfg.public, PUBLIC_SOURCES)
     if cfg.public == "task":
         return data.public_task_sentences(preprocessor, task, length=cfg.block_size, max_blocks=cfg.public_blocks,
                                           seed=cfg.seed)
@@ -208,8 +207,8 @@ def sub_fm(ws: Workspace, sub_cfg: subfm.SubFMConfig, distill_cfg: DistillConfig
         result = distill(ws.fm, model, ws.public, match, distill_cfg, progress=progress, on_step=on_step, stop=stop)
         after = layer_gaps(ws.fm, model, gap_inputs, match) if match and result.losses else before
         if caching and not result.stopped:
-            atomic_save({"ffn": ffn_state(model, match), "loss": result.losses, "gaps_before": before,
-                         "gaps_after": after, "info": json.dumps(info.to_json())}, path)
+            io.atomic_torch_save({"ffn": ffn_state(model, match), "loss": result.losses, "gaps_before": before,
+                                  "gaps_after": after, "info": json.dumps(info.to_json())}, path)
     return SubFM(model, info, result.losses, before, after)
 
 

@@ -1,18 +1,57 @@
-"""A client's proxy rebuilt from a description and the frozen weights the server sent: never from the FM.
+"""The proxy's LoRA: where it sits, how FM and proxy are wrapped alike, and how a client rebuilds its proxy.
 
+This module is the one place that LoRA-wraps a model (:func:`wrap_pair` for the server's FM + proxy, and every
+notebook or bench measurement of them; :func:`wrap_proxy` for a proxy alone; :func:`build_proxy` on a client).
+Both sides of a pair get the same LoRA config and seed, so the proxy starts from the FM's A_0; a layer-drop
+proxy gets LoRA in exactly the proxy layers that came from the FM's adapter layers.
+
+A client's proxy is rebuilt from a description and the frozen weights the server sent: never from the FM.
 The server describes its proxy (:func:`proxy_spec`: which FM architecture, each compressed FFN's width, the kept
 layers of a layer-drop emulator, where LoRA sits) and ships its frozen weights once. A client builds an
 architecture of that shape from the FM's *config* alone (random weights, at once overwritten), wraps it with the
-same LoRA (:func:`fedpft_lab.adapters.add_lora`, the one place that wraps) and loads the shipped weights, strictly.
+same LoRA and loads the shipped weights, strictly.
 """
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from .. import adapters, models, subfm
+
+
+def proxy_lora_layers(adapter_layers: Sequence[int] | None,
+                      proxy_layers: Sequence[int] | None) -> list[int] | None:
+    """The proxy layers that carry LoRA: those that came from an FM layer in ``adapter_layers``.
+
+    ``adapter_layers=None``: every layer; ``proxy_layers=None``: the proxy has the FM's layer indices (sub-FM).
+    """
+    if adapter_layers is None or proxy_layers is None:
+        return None if adapter_layers is None else list(adapter_layers)
+    return [j for j, i in enumerate(proxy_layers) if i in adapter_layers]
+
+
+def wrap_proxy(proxy: nn.Module, lora: adapters.LoRAConfig, seed: int,
+               adapter_layers: Sequence[int] | None = None,
+               proxy_layers: Sequence[int] | None = None) -> nn.Module:
+    """``proxy`` (in place) with LoRA where the FM's ``adapter_layers`` landed (see :func:`proxy_lora_layers`)."""
+    return adapters.add_lora(proxy, lora, proxy_lora_layers(adapter_layers, proxy_layers), seed=seed)
+
+
+def wrap_pair(fm: nn.Module, proxy: nn.Module, lora: adapters.LoRAConfig, seed: int,
+              adapter_layers: Sequence[int] | None = None,
+              proxy_layers: Sequence[int] | None = None) -> tuple[nn.Module, nn.Module]:
+    """(FM, proxy) with the same LoRA: the FM in ``adapter_layers`` (None: all), the proxy in the layers that came
+    from them (``proxy_layers[j]``: the FM layer of proxy layer j; None: the FM's indices).
+
+    The FM is deep-copied, so the workspace's FM stays bare for the next run; ``proxy`` is wrapped in place (pass a
+    copy to keep it). The same ``seed`` on both sides: the FM's LoRA init is A_0, and the proxy's equals it.
+    """
+    fm_peft = adapters.add_lora(copy.deepcopy(fm), lora, adapter_layers, seed=seed)
+    return fm_peft, wrap_proxy(proxy, lora, seed, adapter_layers, proxy_layers)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ A round, as the server sees it (``rnd == 0``: evaluate A_0 only, the reference p
     close_round: FedAvg weighted by example counts -> plug into the FM and evaluate; every t rounds (FedPFT,
                  FedPFT-D) neuron-level alignment of the server's proxy copy -> the W_fro package of the next round
 
-Renaming between FM and proxy layer names, FedAvg, alignment and byte counting happen here and nowhere else.
+The server calls the one implementation of each FedPFT step: FM <-> proxy renaming, FedAvg and byte counting
+(:mod:`fedpft_lab.adapters`), alignment (:mod:`fedpft_lab.align`), LoRA wrapping (:mod:`.proxy`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import adapters, align, discrepancy, models, parallel, subfm
+from ..adapters import to_fm_names, to_proxy_names
 from ..config import FedConfig
 from ..device import side_by_side
 from ..discrepancy import gradient_discrepancy
@@ -30,7 +32,7 @@ from ..version import code_version
 from ..workspace import Workspace, sub_fm
 from .messages import Broadcast, ClientUpdate, TrainSettings
 from .progress import Progress, StopSignal, Ticker, check_stop
-from .proxy import frozen_state as frozen_weights
+from .proxy import frozen_state as frozen_weights, wrap_pair
 
 
 # --------------------------------------------------------------------------- the proxy and the two models
@@ -110,26 +112,11 @@ def build_setup(cfg: FedConfig, ws: Workspace, progress: bool = True, stop: Stop
         adapter_layers = list(proxy_layers)
     else:                                  # FedOT: LoRA in the bottom/top adapter layers only
         adapter_layers = sorted(cfg.sub_config().retained(n_fm))
-    fm = adapters.add_lora(copy.deepcopy(ws.fm), lora, adapter_layers, seed=cfg.seed)
-    proxy_ids = ([j for j, i in enumerate(proxy_layers) if i in adapter_layers] if proxy_layers is not None
-                 else adapter_layers)
-    server_proxy = adapters.add_lora(proxy, lora, proxy_ids, seed=cfg.seed)
+    fm, server_proxy = wrap_pair(ws.fm, proxy, lora, cfg.seed, adapter_layers, proxy_layers)
     devices = [copy.deepcopy(server_proxy)]
     init_state = adapters.adapter_state(fm)
     return Setup(fm, server_proxy, devices, proxy_layers, compressed, init_state, loss, fm_params, proxy_params,
                  proxy_is_fm=cfg.proxy_kind == "fm")
-
-
-def to_proxy_names(state: dict[str, torch.Tensor], proxy_layers: list[int] | None) -> dict[str, torch.Tensor]:
-    if proxy_layers is None:
-        return state
-    return adapters.translate(state, {fm_i: j for j, fm_i in enumerate(proxy_layers)})
-
-
-def to_fm_names(state: dict[str, torch.Tensor], proxy_layers: list[int] | None) -> dict[str, torch.Tensor]:
-    if proxy_layers is None:
-        return state
-    return adapters.translate(state, adapters.layer_key_map(proxy_layers))
 
 
 # --------------------------------------------------------------------------- stop and progress inside a round
@@ -213,7 +200,7 @@ def evaluate(setup: Setup, ws: Workspace, global_state: dict[str, torch.Tensor],
     to_score: dict[str, nn.Module] = {"accuracy": setup.fm} if fm else {}
     if not setup.proxy_is_fm:
         to_score["sub_accuracy"] = setup.server_proxy
-    layer_map = discrepancy.layer_map(setup.proxy_layers)
+    layer_map = adapters.layer_key_map(setup.proxy_layers)
     jobs: list[Callable[[], object]] = ([] if setup.proxy_is_fm else
                                         [functools.partial(discrepancy.batch_terms, setup.fm, setup.server_proxy,
                                                            batch, layer_map) for batch in ws.probe_batches])
