@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils import flop_counter
 
 from . import adapters, data, federation, io, models, parallel, subfm
-from .config import BENCH_ONLY, BENCH_ONLY_HELP
+from .config import BENCH_ONLY, BENCH_ONLY_HELP, ENGINES
 from .core.proxy import wrap_proxy
 from .distill import DistillConfig, distill, embed
 from .paths import LABS_DIR, cache_dir, lab_notebooks
@@ -709,7 +709,6 @@ def format_speed(r: dict) -> str:
 
 # --------------------------------------------------------------------------- engines: one run, two engines
 
-ENGINES = ("inprocess", "flower-sim", "flower")
 
 
 def engine_overhead(fm: str = models.DEFAULT_FM, preset: str = "workshop", log=print,

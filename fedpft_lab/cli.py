@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import (ALIGN_RULES, BENCH_ONLY, BENCH_ONLY_HELP, DEVICES, METHODS, PARTITION_CONVENTIONS,
+from .config import (ALIGN_RULES, BENCH_ONLY, BENCH_ONLY_HELP, DEVICES, ENGINES, METHODS, PARTITION_CONVENTIONS,
                      PARTITION_SCHEMES, PUBLIC_SOURCES, SELECTIONS, SWEEP_PARAM_TYPES, TASKS)
 from .errors import ConfigError
 from .presets import DEFAULT_PRESET, PRESETS, preset_values
@@ -386,7 +386,7 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     again.add_argument("--restart", action="store_true",
                        help="start over in --out; a previous run there is moved aside to <out>.replaced-<time>")
-    p.add_argument("--engine", choices=("inprocess", "flower-sim", "flower"), default="inprocess",
+    p.add_argument("--engine", choices=ENGINES, default="inprocess",
                    help="inprocess (default): clients on threads in this process; flower-sim: Flower's simulation "
                         "engine, clients in Ray actors (extra [flower-sim]); flower: a local Flower deployment, one "
                         "SuperLink and one SuperNode process per client on 127.0.0.1 (same numbers on all three)")

@@ -32,6 +32,8 @@ PUBLIC_SOURCES = ("sentences", "blocks", "task")
 PARTITION_SCHEMES = ("iid", "dirichlet")
 PARTITION_CONVENTIONS = ("flgo", "per-class")
 SELECTIONS = ("saliency", "random")
+# Where a run's clients live (fedpft_lab/engines): threads of this process, Ray actors, or Flower SuperNodes.
+ENGINES = ("inprocess", "flower-sim", "flower")
 # What ``fedpft-lab bench --only`` measures on its own (both bench parsers offer these, with this help).
 BENCH_ONLY: dict[str, str] = {
     "clients-scaling": "peak memory and time per round of 2-round runs with 20, 200 and 2000 clients (same clients "

@@ -104,7 +104,8 @@ def _string_literals(tree: ast.AST) -> list[tuple[int, frozenset[str]]]:
 CHOICES = {"DEVICES": config.DEVICES, "METHODS": config.METHODS, "LR_SCHEDULES": config.LR_SCHEDULES,
            "ALIGN_RULES": config.ALIGN_RULES, "TASKS": config.TASKS, "PUBLIC_SOURCES": config.PUBLIC_SOURCES,
            "PARTITION_SCHEMES": config.PARTITION_SCHEMES, "PARTITION_CONVENTIONS": config.PARTITION_CONVENTIONS,
-           "SELECTIONS": config.SELECTIONS, "BENCH_ONLY": tuple(config.BENCH_ONLY)}
+           "SELECTIONS": config.SELECTIONS, "BENCH_ONLY": tuple(config.BENCH_ONLY),
+           "ENGINES": config.ENGINES}
 
 
 @pytest.mark.parametrize("name", CHOICES)
