@@ -48,7 +48,7 @@ CACHE_VERSION = 2   # bump when the meaning of a cached file changes
 # Long enough for nearly every example of the task; longer only costs time. (wiki-pairs: 96 MiniLM tokens
 # hold 96.5% of the pairs whole, 80 only 89%.) wiki-topics is the exception: summaries run to a median of 95
 # tokens, but the first sentence or two name the topic ("X is an American actor ..."), and 64 tokens make every
-# step about 1.45x cheaper, which is what lets the reference study afford five seeds on two cores.
+# step about 1.45x cheaper, which is what lets the reference study afford seven seeds on two cores.
 MAX_LENGTH = {"tweets": 64, "wiki-topics": 64, "wiki-pairs": 96, "sst2": 64, "qnli": 128, "mnli": 128,
               "qqp": 128, "cifar10": 0}
 LOCAL_MAX_LENGTH = 128
