@@ -94,6 +94,18 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen | None = None, ti
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+def running(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that still run: what a clean-up missed (a zombie waiting for its parent does not count)."""
+    import psutil
+
+    def runs(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    return [pid for pid in pids if runs(pid)]
+
+
 class Processes:
     """The processes a deployment started (each in a session of its own), stopped with their descendants."""
 
@@ -115,14 +127,7 @@ class Processes:
 
     def still_running(self) -> list[int]:
         """The pids :meth:`stop` found that still run (a zombie waiting for its parent does not)."""
-        import psutil
-
-        def runs(pid: int) -> bool:
-            try:
-                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                return False
-        return [pid for pid in self.stopped if runs(pid)]
+        return running(self.stopped)
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM to every started process and every descendant (Flower starts its SuperExec and app processes

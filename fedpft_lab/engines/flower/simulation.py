@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ...config import FedConfig
 from ...errors import ConfigError
-from .deploy import CLIENT_STORE, QUIET_ENV, check_flower_config, flower_env
+from .deploy import CLIENT_STORE, QUIET_ENV, check_flower_config, flower_env, running
 
 # What the Flower and Ray code of this process reads at import time: set before either is imported.
 DRIVER_ENV = ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "RAY_USAGE_STATS_ENABLED",
@@ -71,14 +71,7 @@ class RaySession:
 
     def still_running(self) -> list[int]:
         """The pids :meth:`stop` found that still run (a zombie waiting for its parent does not)."""
-        import psutil
-
-        def runs(pid: int) -> bool:
-            try:
-                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                return False
-        return [pid for pid in self.stopped if runs(pid)]
+        return running(self.stopped)
 
 
 @contextmanager
