@@ -204,9 +204,9 @@ def cmd_run(a: argparse.Namespace) -> dict:
     out = Path(a.out)
     _restart(a)
     if a.engine != "inprocess" and a.resume:   # a checkpoint of another configuration: say so before any work
-        from .federation import _read_checkpoint
+        from .federation import read_checkpoint
 
-        _read_checkpoint(out, cfg)
+        read_checkpoint(out, cfg)
     if a.engine == "flower":
         from .engines.flower.deploy import run_flower
 
@@ -276,9 +276,9 @@ def cmd_server(a: argparse.Namespace) -> dict:
     cfg = _fed_config(a)
     _restart(a)
     if a.resume:
-        from .federation import _read_checkpoint
+        from .federation import read_checkpoint
 
-        _read_checkpoint(Path(a.out), cfg)
+        read_checkpoint(Path(a.out), cfg)
     metrics = serve(cfg, Path(a.out), a.host, a.port, resume=a.resume)
     if not a.quiet:
         print_run_table(metrics)

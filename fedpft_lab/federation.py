@@ -228,11 +228,11 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    blob = _read_checkpoint(out, cfg) if resume and out is not None else None  # before any long work
+    blob = read_checkpoint(out, cfg) if resume and out is not None else None  # before any long work
     setup = build_setup(cfg, ws, progress=progress, stop=stop, on_progress=on_progress)
     state = RunState(0, dict(setup.init_state), {}, {}, {}, [])
     if blob is not None:
-        state = _load_checkpoint(blob, setup)
+        state = load_checkpoint(blob, setup)
     _Ticker(on_progress, state.next_round, "setup", 1)()    # models built: the first sign of life of a run
     schedule = sample_clients(cfg)
     if not state.startup:
@@ -260,7 +260,7 @@ def iterate(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathL
             state.next_round += 1
             metrics = summary(cfg, setup, state.records, ws, state.startup)
             if out is not None:
-                _save(out, cfg, setup, state, metrics)
+                save_run(out, cfg, setup, state, metrics)
             if rnd > 0:
                 bar.update(1)
                 bar.set_postfix(acc=f"{record['accuracy']:.3f}", sub=f"{record['sub_accuracy']:.3f}")
@@ -304,7 +304,9 @@ def _round(cfg: FedConfig, setup: Setup, ws: Workspace, state: RunState, rnd: in
         aggregate(state, record, updates)
     return close_round(cfg, setup, ws, state, rnd, record, updates, t0, workers, stop, on_progress)
 
-def _save(out: Path, cfg: FedConfig, setup: Setup, state: RunState, metrics: dict) -> None:
+
+def save_run(out: Path, cfg: FedConfig, setup: Setup, state: RunState, metrics: dict) -> None:
+    """A run folder's two files, checkpoint first: what ``--resume`` reads back on every engine."""
     io.atomic_torch_save({"config": json.dumps(cfg.to_json(), sort_keys=True), "next_round": state.next_round,
                           "global_state": state.global_state, "package": state.package,
                           "server_ffn": ffn_state(models.unwrap(setup.server_proxy), setup.compressed),
@@ -326,7 +328,7 @@ def _is_metrics(metrics: dict) -> bool:
     return isinstance(metrics["rounds"], list)
 
 
-def _read_checkpoint(out: Path, cfg: FedConfig) -> dict | None:
+def read_checkpoint(out: Path, cfg: FedConfig) -> dict | None:
     """The checkpoint ``--resume`` continues from (None: the folder holds no run yet).
 
     A checkpoint or metrics.json that cannot be read stops the run with one line naming the file: they are
@@ -346,7 +348,7 @@ def _read_checkpoint(out: Path, cfg: FedConfig) -> dict | None:
     return blob
 
 
-def _load_checkpoint(blob: dict, setup: Setup) -> RunState:
+def load_checkpoint(blob: dict, setup: Setup) -> RunState:
     load_ffn_state(models.unwrap(setup.server_proxy), blob["server_ffn"])
     for device in setup.devices:
         load_ffn_state(models.unwrap(device), blob["device_ffn"])

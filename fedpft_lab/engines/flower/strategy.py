@@ -35,7 +35,7 @@ from ...config import FedConfig
 from ...core import server
 from ...core.messages import ClientUpdate
 from ...core.proxy import proxy_spec
-from ...federation import _load_checkpoint, _read_checkpoint, _save as save_run  # the in-process engine's files
+from ...federation import load_checkpoint, read_checkpoint, save_run  # a run folder's files, one format for every engine
 from ...workspace import Workspace
 from . import records
 
@@ -74,10 +74,10 @@ class FedPFTStrategy(FedAvg):
         The clients of a restarted server start without state (Flower keeps a client's ``context.state`` per run),
         so each gets its whole proxy again, at the server's current weights, in its next round.
         """
-        blob = _read_checkpoint(self.out_dir, self.cfg) if self.out_dir is not None else None
+        blob = read_checkpoint(self.out_dir, self.cfg) if self.out_dir is not None else None
         if blob is None:
             return
-        self.state = _load_checkpoint(blob, self.setup)
+        self.state = load_checkpoint(blob, self.setup)
         self.resent, self.state.synced = set(self.state.synced), {}
 
     # -- who is who ----------------------------------------------------------------------------------------
