@@ -178,27 +178,55 @@ def run(cfg: FedConfig, ws: Workspace | None = None, out_dir: str | os.PathLike 
     return result
 
 
+def run_cache_dir(cfg: FedConfig) -> Path:
+    """Where :func:`cached_run` keeps ``cfg``'s run: keyed by what can change this method's result (FedPFT-B's key
+    has no alignment fields), the code's results version and the library-level choices FedConfig does not name
+    (e.g. which layers distillation matches)."""
+    from . import paths
+
+    key = paths.config_key({"config": result_config(cfg), "code": code_version()["results"], "schema": METRICS_SCHEMA,
+                            "distill": asdict(cfg.distill_config()) if cfg.distil_before else None,
+                            "align": asdict(cfg.align_config(1)) if cfg.align_during else None})
+    return paths.cache_dir() / "runs" / f"{cfg.method}-{key}"
+
+
+UPDATE_FIELDS = ("update_client", "update_cosine", "update_rel_l2")
+
+
+def without_update_disparity(metrics: dict) -> dict:
+    """A run that measured the update disparity, as the same run without it would have recorded it.
+
+    The FM replay is a side job: it reads the round's start and a client's data, and writes nothing the clients
+    or the server use, so every other number is the same (tests/test_federation.py checks it bit for bit).
+    """
+    out = {**metrics, "config": {**metrics["config"], "measure_update": False}}
+    out["rounds"] = [{k: v for k, v in r.items() if k not in UPDATE_FIELDS} for r in metrics["rounds"]]
+    return out
+
+
 def cached_run(cfg: FedConfig, ws: Workspace | None = None, progress: bool = True,
                stop: threading.Event | None = None, on_round: Callable[[dict], None] | None = None,
                workers: int | None = None, on_progress: Progress | None = None) -> dict:
     """:func:`run` with its results kept under the cache, keyed by the configuration.
 
     The labs call this so a run finished in one notebook (or an interrupted one) is reused, not redone:
-    a complete run returns at once, a partial one resumes.
+    a complete run returns at once, a partial one resumes. A run asked for without the update disparity is also
+    served by the same run finished with it (lab 05 measures it; lab 06 then replays those runs).
     """
-    from . import paths
-
-    # Only what can change this method's result (FedPFT-B's key has no alignment fields), plus the code's results
-    # version and the library-level choices FedConfig does not name (e.g. which layers distillation matches).
-    key = paths.config_key({"config": result_config(cfg), "code": code_version()["results"], "schema": METRICS_SCHEMA,
-                            "distill": asdict(cfg.distill_config()) if cfg.distil_before else None,
-                            "align": asdict(cfg.align_config(1)) if cfg.align_during else None})
-    out = paths.cache_dir() / "runs" / f"{cfg.method}-{key}"
+    out = run_cache_dir(cfg)
     done = out / "metrics.json"
     what = f"the cached {METHOD_NAMES[cfg.method]} run"
+
+    def complete(path: Path) -> dict | None:
+        metrics = io.read_cache(path, io.load_json, what, _is_metrics)
+        return metrics if metrics is not None and len(metrics["rounds"]) == cfg.rounds + 1 else None
+
     with io.cache_lock(out, what) as lock:  # two notebooks asking for the same run: one runs it, the other waits
-        metrics = io.read_cache(done, io.load_json, what, _is_metrics)
-        if metrics is not None and len(metrics["rounds"]) == cfg.rounds + 1:
+        metrics = complete(done)
+        if metrics is None and not cfg.measure_update:
+            fuller = complete(run_cache_dir(replace(cfg, measure_update=True)) / "metrics.json")
+            metrics = without_update_disparity(fuller) if fuller is not None else None
+        if metrics is not None:
             lock.reused()
             if on_round is not None:
                 for r in metrics["rounds"]:

@@ -59,3 +59,28 @@ def test_run_cache_reuses_a_run_whose_result_cannot_have_changed(tiny_ws, tiny_d
     assert again["rounds"] == json.loads(json.dumps(first["rounds"]))
     with pytest.raises(pytest.fail.Exception):           # ... but a change that matters is never served stale
         fl.cached_run(dataclasses.replace(cfg, lr=cfg.lr / 2), tiny_ws, progress=False)
+
+
+def test_a_run_that_measured_the_update_disparity_serves_the_same_run_without_it(tiny_ws, tiny_data_config,
+                                                                                 monkeypatch, tmp_path):
+    """Lab 05 measures the update disparity, lab 06 does not: lab 06 replays lab 05's runs instead of training
+    them again, which is right only because the FM replay changes no other number (checked here, bit for bit,
+    against a run made without it)."""
+    monkeypatch.setenv("FEDPFT_LAB_CACHE", str(tmp_path))
+    cfg = fl.FedConfig(method="fedpft", data=tiny_data_config, rounds=2, sample_fraction=0.5, batch_size=8,
+                       distill_steps=2, distill_batch_size=8, align_interval=1, align_steps=2, align_batch_size=4)
+    plain = json.loads(json.dumps(fl.run(cfg, tiny_ws, progress=False)))
+    measured = fl.cached_run(dataclasses.replace(cfg, measure_update=True), tiny_ws, progress=False)
+    assert all("update_cosine" in r for r in measured["rounds"][1:])
+    other = dataclasses.replace(cfg, lr=cfg.lr / 2)
+    fl.cached_run(other, tiny_ws, progress=False)
+    monkeypatch.setattr(fl, "run", lambda *a, **k: pytest.fail("a run was redone though a fuller one was cached"))
+    served = fl.cached_run(cfg, tiny_ws, progress=False)
+    assert served["config"] == plain["config"] and fl.FedConfig.from_json(served["config"]) == cfg
+    timing = {"seconds", "train_seconds", "client_seconds", "eval_seconds", "align_seconds", "startup"}
+    for s, p in zip(served["rounds"], plain["rounds"], strict=True):
+        assert not set(fl.UPDATE_FIELDS) & s.keys()
+        assert {k: v for k, v in s.items() if k not in timing} == {k: v for k, v in p.items() if k not in timing}
+    assert served["final_accuracy"] == plain["final_accuracy"]
+    with pytest.raises(pytest.fail.Exception):     # the other way round a run cannot be served: it lacks the numbers
+        fl.cached_run(dataclasses.replace(other, measure_update=True), tiny_ws, progress=False)
