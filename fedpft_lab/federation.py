@@ -131,16 +131,18 @@ def train_clients(cfg: FedConfig, setup: Setup, ws: Workspace, clients: list[int
     """Every sampled client's round, up to ``workers`` clients at a time, each on one thread with its own
     device proxy (see :mod:`fedpft_lab.parallel`); the updates do not depend on ``workers``.
 
-    ``extra`` jobs (the FM replay of the update disparity) share the same workers; their results follow the
-    clients' updates in the returned list. With ``cfg.dropout`` everything takes turns: dropout masks come from
-    torch's one global random generator. ``stop`` / ``on_progress``: see :func:`local_train` and :data:`Progress`
+    ``extra`` jobs (the FM replay of the update disparity) are measurements on the side: each gets a thread of
+    its own next to the clients' workers, so it costs a round its share of the CPU, not a whole job's wait (two
+    clients and one replay on two cores: 1.5 job-times instead of 2). Their results follow the clients' updates
+    in the returned list. With ``cfg.dropout`` everything takes turns: dropout masks come from torch's one global
+    random generator. ``stop`` / ``on_progress``: see :func:`local_train` and :data:`Progress`
     (one tick per client batch).
     """
     extra = extra or []
     steps = sum(cfg.local_epochs * -(-len(ws.parts[k]) // cfg.batch_size) for k in clients)
     tick = _Ticker(on_progress, rnd, "train", steps)
     workers = (1 if cfg.dropout or not side_by_side(ws.device)   # on a GPU: one after another, one device proxy
-               else max(1, min(workers or parallel.default_workers(), len(clients) + len(extra))))
+               else max(1, min(workers or parallel.default_workers(), len(clients))))
     free: queue.SimpleQueue[nn.Module] = queue.SimpleQueue()
     for device in setup.ensure_devices(min(workers, len(clients))):
         free.put(device)
@@ -154,7 +156,11 @@ def train_clients(cfg: FedConfig, setup: Setup, ws: Workspace, clients: list[int
                 free.put(device)
         return train
 
-    return parallel.run_jobs([job(k) for k in clients] + extra, workers)
+    # Extra jobs first, each on its own thread (see above); every job is seeded on its own (client_seed), so
+    # neither the order nor the thread count changes a number.
+    threads = workers + (len(extra) if workers > 1 else 0)
+    results = parallel.run_jobs(extra + [job(k) for k in clients], threads)
+    return results[len(extra):] + results[:len(extra)]
 
 
 # --------------------------------------------------------------------------- the round loop
@@ -197,7 +203,7 @@ def without_update_disparity(metrics: dict) -> dict:
     """A run that measured the update disparity, as the same run without it would have recorded it.
 
     The FM replay is a side job: it reads the round's start and a client's data, and writes nothing the clients
-    or the server use, so every other number is the same (tests/test_federation.py checks it bit for bit).
+    or the server use, so every other number is the same (tests/test_workspace.py checks it bit for bit).
     """
     out = {**metrics, "config": {**metrics["config"], "measure_update": False}}
     out["rounds"] = [{k: v for k, v in r.items() if k not in UPDATE_FIELDS} for r in metrics["rounds"]]
