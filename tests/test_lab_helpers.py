@@ -308,3 +308,12 @@ def test_holdings_give_the_fm_to_the_server_only():
 def test_a_process_marked_as_a_client_cannot_load_the_fm():
     line = H.fm_refused_in_client("tiny-bert")
     assert "never loads the FM" in line and "\n" not in line
+
+
+def test_labs_04_and_05_both_measure_the_update_disparity_so_their_fedpft_run_is_one():
+    """Lab 05 plots the update disparity; lab 04 measures it too, so that lab 05 (and lab 06, which a measured run
+    also serves) replays lab 04's FedPFT run instead of training it again (labs/INSTRUCTOR.md#time-per-lab)."""
+    for stem in ("04_federated_proxy_finetuning", "05_gradient_discrepancy"):
+        nb = json.loads((LABS / f"{stem}.ipynb").read_text())
+        code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+        assert "measure_update=True" in code, f"{stem} no longer measures the update disparity: labs 05/06 slow down"
