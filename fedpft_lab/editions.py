@@ -23,13 +23,13 @@ each tagged cell's source for its stub, run with nbconvert's ``ClearOutputPrepro
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from nbconvert.exporters import NotebookExporter
 from nbconvert.preprocessors import ClearOutputPreprocessor, Preprocessor
 from nbformat import NotebookNode
 
+from . import io
 from .errors import ConfigError
 from .paths import LABS_DIR, lab_notebooks
 
@@ -120,12 +120,10 @@ def write_student_edition(out_dir: str | Path, labs: str | Path = LABS_DIR) -> l
     texts = {path.name: student_notebook(path) for path in notebooks}   # all checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in texts.items():
-        (out / name).write_text(text, encoding="utf-8")
-        written.append(out / name)
     for note in sorted(labs.glob("*.md")):
-        if note.name in INSTRUCTOR_ONLY:     # the guide holds the exercises' answers
-            continue
-        shutil.copy2(note, out / note.name)
-        written.append(out / note.name)
+        if note.name not in INSTRUCTOR_ONLY:     # the guide holds the exercises' answers
+            texts[note.name] = note.read_text(encoding="utf-8")
+    for name, text in texts.items():       # atomically: a crash never leaves a participant half a notebook
+        io.atomic_write_text(out / name, text)
+        written.append(out / name)
     return written

@@ -94,3 +94,27 @@ def test_cli_refuses_to_overwrite_the_instructor_edition(tmp_path, capsys):
 def test_cli_names_the_folder_when_there_are_no_labs(tmp_path, capsys):
     assert cli.main(["student-edition", str(tmp_path / "out"), "--labs", str(tmp_path)]) == 2
     assert "--labs" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_failed_write_leaves_the_previous_edition_whole(tmp_path, monkeypatch):
+    """Re-writing a course folder that fails half-way (disk full, killed) must not leave half a notebook: every file
+    is either the previous edition's or the new one, and no temporary file stays behind."""
+    import os
+
+    course = tmp_path / "course"
+    editions.write_student_edition(course)
+    before = {p.name: p.read_bytes() for p in course.iterdir()}
+    for p in course.glob("*.ipynb"):
+        p.write_text(p.read_text().replace("Lab", "Old lab"))       # an older edition
+    older = {p.name: p.read_bytes() for p in course.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="no space"):
+        editions.write_student_edition(course)
+    assert {p.name: p.read_bytes() for p in course.iterdir()} == older      # untouched, nothing left over
+    monkeypatch.undo()
+    editions.write_student_edition(course)
+    assert {p.name: p.read_bytes() for p in course.iterdir()} == before
