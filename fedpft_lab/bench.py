@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils import flop_counter
 
 from . import adapters, data, federation, io, models, parallel, subfm
-from .config import BENCH_ONLY, BENCH_ONLY_HELP, ENGINES
+from .config import ENGINES
 from .core.proxy import wrap_proxy
 from .distill import DistillConfig, distill, embed
 from .paths import LABS_DIR, cache_dir, lab_notebooks
@@ -941,19 +941,10 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import add_bench_arguments   # the same flags as `fedpft-lab bench`
+
     p = argparse.ArgumentParser(prog="python -m fedpft_lab.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/bench")
-    p.add_argument("--skip-notebooks", action="store_true")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
-    p.add_argument("--fm", default=models.DEFAULT_FM, help="minilm (default) or tiny-bert for a seconds-long check")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's choice); 1 is faster when other jobs share the CPU")
-    p.add_argument("--only", choices=BENCH_ONLY, default=None, help=BENCH_ONLY_HELP)
-    p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path (alternating)")
-    p.add_argument("--baseline", default=SPEED_BASELINE,
-                   help="default-speed: the git revision the default run is compared with (default: %(default)s, "
-                        "the code when the faster default run was asked for)")
-    p.add_argument("--scaling-point", type=int, default=None, help=argparse.SUPPRESS)  # a child of clients-scaling
+    add_bench_arguments(p)
     return p
 
 

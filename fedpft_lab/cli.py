@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import (ALIGN_RULES, BENCH_ONLY, BENCH_ONLY_HELP, DEVICES, ENGINES, METHODS, PARTITION_CONVENTIONS,
-                     PARTITION_SCHEMES, PUBLIC_SOURCES, SELECTIONS, SWEEP_PARAM_TYPES, TASKS)
+from .config import (ALIGN_RULES, BENCH_ONLY, BENCH_ONLY_HELP, DEFAULT_FM, DEVICES, ENGINES, METHODS,
+                     PARTITION_CONVENTIONS, PARTITION_SCHEMES, PUBLIC_SOURCES, SELECTIONS, SWEEP_PARAM_TYPES, TASKS)
 from .errors import ConfigError
 from .presets import DEFAULT_PRESET, PRESETS, preset_values
 
@@ -361,6 +361,23 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_json(obj, path)
 
 
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench's flags: one list for ``fedpft-lab bench`` and ``python -m fedpft_lab.bench`` (its own process
+    for each clients-scaling point), so the two never drift apart."""
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--skip-notebooks", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
+    p.add_argument("--fm", default=DEFAULT_FM, help="minilm (default) or tiny-bert for a seconds-long check")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice); 1 is faster when other jobs share the CPU")
+    p.add_argument("--only", choices=BENCH_ONLY, default=None, help=BENCH_ONLY_HELP)
+    p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path, alternating")
+    p.add_argument("--baseline", default=None, metavar="GIT_REVISION",
+                   help="default-speed: the code to compare with (default: the commit of main when the faster "
+                        "default run was asked for, fedpft_lab.bench.SPEED_BASELINE)")
+    p.add_argument("--scaling-point", type=int, default=None, help=argparse.SUPPRESS)  # a child of clients-scaling
+
+
 def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     """The CLI. ``preset``'s values are the defaults of the size flags (main() finds ``--preset`` first).
 
@@ -438,14 +455,7 @@ def build_parser(preset: str = DEFAULT_PRESET) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("bench", help="measure throughput, FLOP efficiency, round and notebook times")
-    p.add_argument("--out", default="runs/bench")
-    p.add_argument("--skip-notebooks", action="store_true")
-    p.add_argument("--quick", action="store_true", help="fewer repetitions (for a smoke check)")
-    p.add_argument("--only", choices=BENCH_ONLY, default=None, help=BENCH_ONLY_HELP)
-    p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path, alternating")
-    p.add_argument("--baseline", default=None, metavar="GIT_REVISION",
-                   help="default-speed: the code to compare with (default: the commit of main when the faster "
-                        "default run was asked for, fedpft_lab.bench.SPEED_BASELINE)")
+    add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="one self-contained HTML page (works offline) from a run or compare folder")

@@ -126,3 +126,5 @@ def test_both_bench_parsers_offer_the_same_entries():
     bench_sub = cli.build_parser()._subparsers._group_actions[0].choices["bench"]
     assert list(only(bench_sub).choices) == list(only(bench.build_parser()).choices) == list(config.BENCH_ONLY)
     assert only(bench_sub).help == only(bench.build_parser()).help
+    flags = [sorted(a.option_strings) for a in bench_sub._actions]
+    assert flags == [sorted(a.option_strings) for a in bench.build_parser()._actions]   # every flag, not just --only
