@@ -168,6 +168,9 @@ class RunPanel(w.VBox):
             self.on_event_update(event, self.figs)
 
     def _handle_done(self, run: BackgroundRun) -> None:
+        # Unlock first, then say so: the front end applies widget updates in the order they are sent, so whoever
+        # reads "done" (a participant, the browser tests) must find the controls already free.
+        self._set_running(False)
         if run.error is not None:
             self.status.value = _error_html(run.error)
         elif run.stopped:
@@ -175,7 +178,6 @@ class RunPanel(w.VBox):
         else:
             self.progress.value = 1.0
             self.status.value = f"done in {run.seconds:.1f} s"
-        self._set_running(False)
 
 
 # ----------------------------------------------------------------------------- lab 01: partition explorer

@@ -231,6 +231,26 @@ def test_run_panel_shows_errors_and_unlocks():
     assert not knob.disabled
 
 
+@pytest.mark.parametrize("ending", ["done", "stopped", "error"])
+def test_run_panel_frees_the_controls_before_it_says_the_run_ended(ending):
+    """The front end applies widget changes in the order they are sent: a status saying the run ended must come
+    after the controls are free (the browser suite once read "done in" while lab 06's controls were still locked)."""
+    gate = threading.Event() if ending == "stopped" else None
+    panel, knob, _ = make_counter_panel(gate=gate, fail=ending == "error")
+    sent: list[str] = []
+    knob.observe(lambda change: sent.append(f"knob disabled={change['new']}"), names="disabled")
+    panel.start_button.observe(lambda change: sent.append(f"start disabled={change['new']}"), names="disabled")
+    panel.status.observe(lambda change: sent.append(f"status {change['new']}"), names="value")
+    panel.start_button.click()
+    if gate is not None:
+        panel.stop_button.click()
+        gate.set()
+    assert panel.run.join(timeout=10)
+    last_status = max(i for i, s in enumerate(sent) if s.startswith("status "))
+    assert {"done": "done in", "stopped": "stopped after", "error": "RuntimeError"}[ending] in sent[last_status]
+    assert sent.index("knob disabled=False") < last_status and sent.index("start disabled=False") < last_status
+
+
 def test_round_curve_updater_fills_the_empty_figure_live():
     fig = plots.empty_round_curves(("accuracy", "grad_cosine"))
     assert [t.name for t in fig.data] == [plots.label_for("accuracy"), plots.label_for("grad_cosine"),
