@@ -707,6 +707,77 @@ def format_speed(r: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- precision: why the lab computes in fp32
+
+PRECISIONS = ("fp32", "bf16-autocast")
+
+
+def _autocast(precision: str) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
+
+
+@torch.no_grad()
+def test_logits(model: nn.Module, batches: list[dict], precision: str) -> torch.Tensor:
+    """The model's logits on every test batch, in fp32 or under CPU bf16 autocast (returned as fp32)."""
+    model.eval()
+    with _autocast(precision):
+        return torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits.float() for b in batches])
+
+
+def train_epoch(model: nn.Module, shard: data.EncodedSplit, pad_id: int, precision: str) -> None:
+    """One epoch of the real client training (batch 4, the lab's lr), in fp32 or under CPU bf16 autocast."""
+    with _autocast(precision):
+        federation.local_train(model, shard, 1, 4, 2e-3, 1.0, 0, pad_id)
+
+
+def precision_bench(fm: str = models.DEFAULT_FM, repeats: int = 3, shard_size: int = 100, log=print) -> dict:
+    """One client's epoch (the real ``local_train``, batch 4) and one pass over the test set, in fp32 and under
+    CPU bf16 autocast, on one thread, for the sub-FM (keep 0.25) and the FM with the lab's LoRA; fastest of
+    ``repeats``, the two precisions interleaved. Also how often the two precisions predict the same class on the
+    test set after that epoch, and the largest logit difference. bf16 matmuls are several times faster than fp32
+    on CPUs with AMX, but the lab's matrices are small, and autocast casts every weight again at every call."""
+    ws = prepare(DataConfig(fm=fm, device="cpu"))
+    shard = ws.train.subset(np.arange(min(shard_size, len(ws.train))))
+    out: dict = {"fm": fm, "repeats": repeats, "threads": 1, "shard": len(shard), "test": len(ws.test),
+                 "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "models": {}}
+    with parallel.torch_threads(1):
+        for name, keep in (("sub-FM 0.25", 0.25), ("FM", None)):
+            log(f"precision: {name} ...")
+            model = lora_proxy(ws, keep)
+            jobs = {"train": lambda p: train_epoch(model, shard, ws.pad_id, p),
+                    "eval": lambda p: test_logits(model, ws.test_batches, p)}
+            seconds: dict[str, dict[str, list[float]]] = {job: {p: [] for p in PRECISIONS} for job in jobs}
+            for i in range(repeats + 1):                       # the first pass warms kernels and is not kept
+                for p in PRECISIONS:
+                    for job, call in jobs.items():
+                        t = time.perf_counter()
+                        call(p)
+                        if i:
+                            seconds[job][p].append(time.perf_counter() - t)
+            full, low = (test_logits(model, ws.test_batches, p) for p in PRECISIONS)
+            best = {job: {p: min(ts) for p, ts in by_p.items()} for job, by_p in seconds.items()}
+            out["models"][name] = {"seconds": best, "seconds_all": seconds,
+                                   "bf16_speedup": {job: b["fp32"] / b["bf16-autocast"] for job, b in best.items()},
+                                   "same_prediction": float((full.argmax(-1) == low.argmax(-1)).float().mean()),
+                                   "max_logit_diff": float((full - low).abs().max())}
+    out["loadavg"] = list(os.getloadavg())
+    out["git_commit"] = git_commit()
+    return out
+
+
+def format_precision(r: dict) -> str:
+    lines = [f"precision ({r['fm']}, one thread, fastest of {r['repeats']}; native bf16: {r['native_bf16']}; "
+             f"load average {r['loadavg'][0]:.1f}):",
+             f"  model          client epoch ({r['shard']} ex.) fp32 / bf16 s   test pass ({r['test']} ex.) fp32 / bf16 s"
+             "   same prediction   max logit diff"]
+    for name, m in r["models"].items():
+        t, e = m["seconds"]["train"], m["seconds"]["eval"]
+        lines.append(f"  {name:<14} {t['fp32']:6.2f} / {t['bf16-autocast']:5.2f} ({m['bf16_speedup']['train']:.2f}x)"
+                     f"{'':14}{e['fp32']:6.2f} / {e['bf16-autocast']:5.2f} ({m['bf16_speedup']['eval']:.2f}x)"
+                     f"{'':8}{m['same_prediction']:7.1%}   {m['max_logit_diff']:.4f}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- engines: one run, two engines
 
 
@@ -920,6 +991,9 @@ def main(args: argparse.Namespace) -> dict:
         result = default_speed(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "repeats", 1) or 1,
                                baseline=getattr(args, "baseline", None) or SPEED_BASELINE)
         return _merge_into_bench(Path(args.out), "default_speed", result, format_speed(result))
+    if getattr(args, "only", None) == "precision":
+        result = precision_bench(getattr(args, "fm", models.DEFAULT_FM), max(3, getattr(args, "repeats", 3) or 3))
+        return _merge_into_bench(Path(args.out), "precision", result, format_precision(result))
     if getattr(args, "only", None) == "engines":
         result = engine_overhead(getattr(args, "fm", models.DEFAULT_FM), getattr(args, "preset", "workshop"),
                                  out=Path(args.out))

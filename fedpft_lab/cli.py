@@ -371,7 +371,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice); 1 is faster when other jobs share the CPU")
     p.add_argument("--only", choices=BENCH_ONLY, default=None, help=BENCH_ONLY_HELP)
-    p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path, alternating")
+    p.add_argument("--repeats", type=int, default=1, help="default-speed: runs of each path, alternating; precision: "
+                                                                 "timed passes of each precision (at least 3)")
     p.add_argument("--baseline", default=None, metavar="GIT_REVISION",
                    help="default-speed: the code to compare with (default: the commit of main when the faster "
                         "default run was asked for, fedpft_lab.bench.SPEED_BASELINE)")

@@ -40,6 +40,8 @@ BENCH_ONLY: dict[str, str] = {
                        "per round), each in its own process",
     "default-speed": "the warm default run as the --baseline code ran it, and with this code's random and "
                      "length-grouped (the default) client batches, side by side, and its FLOP efficiency",
+    "precision": "one client epoch and one test pass of the sub-FM and the FM in fp32 and under CPU bf16 autocast, "
+                 "one thread: times and how often the two predict alike (why the lab computes in fp32)",
     "engines": "the default run in-process, on Flower's simulation engine and on a local Flower deployment, wall "
                "time as a ratio to in-process (each run's logs kept in OUT/engines/)",
 }

@@ -200,6 +200,32 @@ def test_default_speed_times_the_baseline_code_and_both_batchings_as_whole_comma
     assert json.loads((tmp_path / "bench.json").read_text()).keys() == {"training", "default_speed"}
 
 
+def test_precision_bench_times_both_precisions_and_compares_their_predictions(tmp_path, monkeypatch, tiny_bench_ws):
+    import torch
+
+    r = bench.precision_bench("tiny-bert", repeats=1, shard_size=8, log=lambda _: None)
+    assert set(r["models"]) == {"sub-FM 0.25", "FM"} and isinstance(r["native_bf16"], bool)
+    for m in r["models"].values():
+        assert set(m["seconds"]) == {"train", "eval"}
+        for job, by_precision in m["seconds"].items():
+            assert set(by_precision) == set(bench.PRECISIONS) and min(by_precision.values()) > 0
+            assert m["bf16_speedup"][job] == pytest.approx(by_precision["fp32"] / by_precision["bf16-autocast"])
+        assert 0.0 <= m["same_prediction"] <= 1.0 and m["max_logit_diff"] > 0   # bf16 rounds: never bit-equal
+    assert "same prediction" in bench.format_precision(r)
+
+    # autocast really lowers the precision of the matmuls, and an fp32 pass inside it stays fp32
+    fm = bench.lora_proxy(tiny_bench_ws, None)
+    batches = tiny_bench_ws.test_batches[:1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(bench.test_logits(fm, batches, "fp32"), bench.test_logits(fm, batches, "fp32"))
+    assert not torch.equal(bench.test_logits(fm, batches, "fp32"), bench.test_logits(fm, batches, "bf16-autocast"))
+
+    monkeypatch.setattr(bench, "precision_bench", lambda fm, repeats: {**r, "repeats": repeats})
+    bench.main(argparse.Namespace(out=str(tmp_path), skip_notebooks=True, quick=False, fm="tiny-bert",
+                                  only="precision", repeats=1))
+    assert json.loads((tmp_path / "bench.json").read_text())["precision"]["repeats"] == 3   # at least 3 passes
+
+
 def test_a_baseline_cli_is_asked_only_for_what_it_knows():
     """A CLI from before presets ran the workshop sizes by default (and only on the CPU, before --device)."""
     old = {"--fm", "--rounds", "--out", "--quiet"}
