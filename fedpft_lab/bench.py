@@ -717,7 +717,7 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager:
 
 
 @torch.no_grad()
-def test_logits(model: nn.Module, batches: list[dict], precision: str) -> torch.Tensor:
+def logits_of(model: nn.Module, batches: list[dict], precision: str) -> torch.Tensor:
     """The model's logits on every test batch, in fp32 or under CPU bf16 autocast (returned as fp32)."""
     model.eval()
     with _autocast(precision):
@@ -734,7 +734,7 @@ def precision_bench(fm: str = models.DEFAULT_FM, repeats: int = 3, shard_size: i
     """One client's epoch (the real ``local_train``, batch 4) and one pass over the test set, in fp32 and under
     CPU bf16 autocast, on one thread, for the sub-FM (keep 0.25) and the FM with the lab's LoRA; fastest of
     ``repeats``, the two precisions interleaved. Also how often the two precisions predict the same class on the
-    test set after that epoch, and the largest logit difference. bf16 matmuls are several times faster than fp32
+    test set after those epochs of training, and the largest logit difference. bf16 matmuls are several times faster than fp32
     on CPUs with AMX, but the lab's matrices are small, and autocast casts every weight again at every call."""
     ws = prepare(DataConfig(fm=fm, device="cpu"))
     shard = ws.train.subset(np.arange(min(shard_size, len(ws.train))))
@@ -745,7 +745,7 @@ def precision_bench(fm: str = models.DEFAULT_FM, repeats: int = 3, shard_size: i
             log(f"precision: {name} ...")
             model = lora_proxy(ws, keep)
             jobs = {"train": lambda p: train_epoch(model, shard, ws.pad_id, p),
-                    "eval": lambda p: test_logits(model, ws.test_batches, p)}
+                    "eval": lambda p: logits_of(model, ws.test_batches, p)}
             seconds: dict[str, dict[str, list[float]]] = {job: {p: [] for p in PRECISIONS} for job in jobs}
             for i in range(repeats + 1):                       # the first pass warms kernels and is not kept
                 for p in PRECISIONS:
@@ -754,7 +754,7 @@ def precision_bench(fm: str = models.DEFAULT_FM, repeats: int = 3, shard_size: i
                         call(p)
                         if i:
                             seconds[job][p].append(time.perf_counter() - t)
-            full, low = (test_logits(model, ws.test_batches, p) for p in PRECISIONS)
+            full, low = (logits_of(model, ws.test_batches, p) for p in PRECISIONS)
             best = {job: {p: min(ts) for p, ts in by_p.items()} for job, by_p in seconds.items()}
             out["models"][name] = {"seconds": best, "seconds_all": seconds,
                                    "bf16_speedup": {job: b["fp32"] / b["bf16-autocast"] for job, b in best.items()},

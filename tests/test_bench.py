@@ -217,8 +217,8 @@ def test_precision_bench_times_both_precisions_and_compares_their_predictions(tm
     fm = bench.lora_proxy(tiny_bench_ws, None)
     batches = tiny_bench_ws.test_batches[:1]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(bench.test_logits(fm, batches, "fp32"), bench.test_logits(fm, batches, "fp32"))
-    assert not torch.equal(bench.test_logits(fm, batches, "fp32"), bench.test_logits(fm, batches, "bf16-autocast"))
+        assert torch.equal(bench.logits_of(fm, batches, "fp32"), bench.logits_of(fm, batches, "fp32"))
+    assert not torch.equal(bench.logits_of(fm, batches, "fp32"), bench.logits_of(fm, batches, "bf16-autocast"))
 
     monkeypatch.setattr(bench, "precision_bench", lambda fm, repeats: {**r, "repeats": repeats})
     bench.main(argparse.Namespace(out=str(tmp_path), skip_notebooks=True, quick=False, fm="tiny-bert",
