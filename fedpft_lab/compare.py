@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import io
-from .federation import METHOD_NAMES, FedConfig, run
+from .federation import METHOD_NAMES, FedConfig, result_config, run
 from .stats import mean_ci, paired_diff, share_above
 from .version import code_version
 from .workspace import prepare
@@ -57,12 +57,17 @@ def run_methods(base: FedConfig, methods: list[str], seeds: list[int], out_dir: 
 
 
 def _finished(sub: Path, cfg: FedConfig) -> dict | None:
-    """The metrics of a complete run of exactly ``cfg`` saved in ``sub``, else None."""
+    """The metrics of a complete run saved in ``sub`` whose result ``cfg`` would reproduce, else None.
+
+    Compared on :func:`federation.result_config`, as a checkpoint's resume is: a study that changes only the
+    distillation budget reruns the methods that distil and reads FedPFT-N's runs back instead of redoing them.
+    """
     path = sub / "metrics.json"
     if not path.exists():
         return None
     metrics = io.read_run_file(path, io.load_json)
-    done = len(metrics["rounds"]) == cfg.rounds + 1 and metrics["config"] == cfg.to_json()
+    done = (len(metrics["rounds"]) == cfg.rounds + 1
+            and result_config(FedConfig.from_json(metrics["config"])) == result_config(cfg))
     return metrics if done else None
 
 

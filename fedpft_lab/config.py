@@ -48,7 +48,7 @@ BENCH_ONLY: dict[str, str] = {
 BENCH_ONLY_HELP = "; ".join(f"{name}: {what}" for name, what in BENCH_ONLY.items())
 # The parameters ``fedpft-lab sweep`` can vary, and the type of their values.
 SWEEP_PARAM_TYPES: dict[str, type] = {"align_interval": int, "align_proportion": float, "keep_ratio": float,
-                                      "alpha": float}
+                                      "alpha": float, "distill_steps": int}
 
 
 @dataclass(frozen=True)

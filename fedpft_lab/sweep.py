@@ -17,7 +17,8 @@ from .federation import METHOD_NAMES, METHODS, FedConfig, result_config
 PARAM_TYPES = SWEEP_PARAM_TYPES   # in fedpft_lab.config, so the CLI can list them without importing torch
 # Two distinct values of each parameter, to ask whether a method's result can depend on it at all.
 _PROBE: dict[str, tuple[float, float]] = {"align_interval": (1, 2), "align_proportion": (0.3, 0.8),
-                                          "keep_ratio": (0.25, 0.5), "alpha": (1.0, 5.0)}
+                                          "keep_ratio": (0.25, 0.5), "alpha": (1.0, 5.0),
+                                          "distill_steps": (100, 300)}
 SHARED_DIR = "unaffected"
 
 
@@ -26,7 +27,8 @@ def affects(method: str, param: str, base: FedConfig | None = None) -> bool:
 
     Asked of :func:`federation.result_config`, the one place that knows which fields a method's result depends
     on (the run cache uses it too), so the sweep and the cache can never disagree: the alignment knobs move
-    only FedPFT and FedPFT-D, keep_ratio every proxy but FedPETuning's (the FM), alpha every method.
+    only FedPFT and FedPFT-D, the layer-level distillation budget only the methods that distil before FL,
+    keep_ratio every proxy but FedPETuning's (the FM), alpha every method.
     """
     check_choice("param", param, PARAM_TYPES)
     cfg = replace(base or FedConfig(), method=method)

@@ -1,6 +1,7 @@
 """compare: the table's statistics on hand-made runs, then end to end on the tiny model (provenance, resume)."""
 import json
 import math
+import shutil
 from dataclasses import replace
 from datetime import datetime, timezone
 
@@ -122,6 +123,18 @@ def test_compare_json_is_self_describing_and_resume_reruns_nothing(tmp_path, tin
     again = cmp.compare(tiny_base, ["fedpft", "fedpft-n"], [0, 1], out_dir=tmp_path, resume=True, progress=False)
     assert len(count_runs) == 4 and {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     assert again["methods"]["fedpft"]["final_accuracy"] == table["methods"]["fedpft"]["final_accuracy"]
+
+
+def test_resume_reruns_only_the_methods_a_changed_field_can_move(tmp_path, tiny_base, count_runs):
+    """FedPFT-N never distils before FL: a study with another distillation budget reads its runs back."""
+    cmp.compare(tiny_base, ["fedpft", "fedpft-n"], [0], out_dir=tmp_path / "a", progress=False)
+    shutil.copytree(tmp_path / "a" / "fedpft-n", tmp_path / "b" / "fedpft-n")
+    kept = (tmp_path / "b" / "fedpft-n" / "seed0" / "metrics.json").read_bytes()
+    cmp.compare(replace(tiny_base, distill_steps=4), ["fedpft", "fedpft-n"], [0], out_dir=tmp_path / "b",
+                resume=True, progress=False)
+    assert count_runs == [("fedpft", 0), ("fedpft-n", 0), ("fedpft", 0)]
+    assert (tmp_path / "b" / "fedpft-n" / "seed0" / "metrics.json").read_bytes() == kept
+    assert json.loads((tmp_path / "b" / "fedpft" / "seed0" / "metrics.json").read_text())["config"]["distill_steps"] == 4
 
 
 def test_resume_never_overwrites_a_run_made_with_another_config(tmp_path, tiny_base, count_runs):

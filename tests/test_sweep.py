@@ -41,11 +41,13 @@ def test_affects_agrees_with_what_each_method_does():
         cfg = FedConfig(method=m)
         assert sweep.affects(m, "align_interval") == sweep.affects(m, "align_proportion") == cfg.align_during
         assert sweep.affects(m, "keep_ratio") == (cfg.proxy_kind != "fm")
+        assert sweep.affects(m, "distill_steps") == cfg.distil_before
 
 
 @pytest.mark.parametrize("method, param, a, b", [
     ("fedpft-b", "align_interval", 1, 2), ("fedot", "align_interval", 1, 2),
     ("fedpft-n", "align_proportion", 0.2, 1.0), ("fedpetuning", "keep_ratio", 0.25, 0.75),
+    ("fedpft-d", "distill_steps", 2, 4),
 ])
 def test_an_unaffected_method_gives_the_same_numbers(tiny_ws, method, param, a, b):
     base = FedConfig(method=method, data=tiny_ws.cfg, rounds=2, distill_steps=3, align_steps=2, sample_fraction=0.5)
@@ -59,7 +61,7 @@ def test_an_unaffected_method_gives_the_same_numbers(tiny_ws, method, param, a, 
 
 @pytest.mark.parametrize("args, message", [
     (["--param", "lr", "--values", "1"], "param must be one of 'align_interval', 'align_proportion', 'keep_ratio', "
-                                         "'alpha', got 'lr'"),
+                                         "'alpha', 'distill_steps', got 'lr'"),
     (["--param", "keep_ratio", "--values", "0.25", "1.5"], "keep_ratio must be in (0, 1], got 1.5"),
     (["--param", "align_interval", "--values", "2", "2.5"], "align_interval values must be integers, got '2.5'"),
     (["--param", "align_proportion", "--values", "0.5", "x"], "align_proportion values must be numbers, got 'x'"),
